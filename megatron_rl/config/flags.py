@@ -1,0 +1,137 @@
+"""Derive argparse flags from config dataclasses, in one place.
+
+Each config is a keyword-only dataclass whose fields carry a docstring right under them
+(the help text). A field ``tensor_model_parallel_size`` becomes the flag
+``--tensor-model-parallel-size`` unless its metadata names another (``{"flag": ...}``).
+Flags that are not given keep the value of a base config (a preset, or the dataclass
+defaults), which is how ``--model-preset tiny --num-layers 6`` works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import functools
+import inspect
+import textwrap
+import types
+import typing
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """An invalid flag value or combination, reported at start-up."""
+
+
+def flag_name(field: dataclasses.Field) -> str:
+    return field.metadata.get("flag", "--" + field.name.replace("_", "-"))
+
+
+@functools.cache
+def _docstrings(cls: type) -> dict[str, str]:
+    """Docstrings written under dataclass fields (``x: int = 1`` then ``\"\"\"doc\"\"\"``)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):
+            continue
+        body = ast.parse(source).body[0].body
+        for node, nxt in zip(body, body[1:]):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def field_help(cls: type, name: str) -> str:
+    return _docstrings(cls).get(name, "")
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(get_args(tp)) == 2:
+            return args[0], True
+    return tp, False
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
+
+
+def _optional(parse):
+    def parse_or_none(text: str):
+        return None if text.lower() == "none" else parse(text)
+
+    parse_or_none.__name__ = getattr(parse, "__name__", "value")
+    return parse_or_none
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls: type, title: str | None = None) -> None:
+    """Add one flag per field of ``cls`` to ``parser`` (in a group named ``title``)."""
+    group = parser.add_argument_group(title or cls.__name__)
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        if not field.init or field.metadata.get("flag") is False:
+            continue
+        tp, optional = _unwrap_optional(hints[field.name])
+        kwargs: dict[str, Any] = {
+            "dest": field.name,
+            "default": argparse.SUPPRESS,
+            "help": field_help(cls, field.name) + _default_note(field),
+        }
+        origin = get_origin(tp)
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif origin is Literal:
+            choices = list(get_args(tp))
+            kwargs["choices"] = choices + ([None] if optional else [])
+            kwargs["type"] = _optional(str) if optional else str
+        elif origin in (list, tuple):
+            (item,) = get_args(tp)[:1]
+            kwargs["nargs"] = "*"
+            kwargs["type"] = item
+        elif tp in (int, float, str):
+            kwargs["type"] = _optional(tp) if optional else tp
+        else:
+            kwargs["type"] = str
+        group.add_argument(flag_name(field), **kwargs)
+
+
+def _default_note(field: dataclasses.Field) -> str:
+    if field.default is not dataclasses.MISSING:
+        return f" (default: {field.default})"
+    return ""
+
+
+def config_from_flags(cls: type[T], namespace: argparse.Namespace, base: T | None = None) -> T:
+    """Build ``cls`` from the flags that were given, on top of ``base`` (or the defaults)."""
+    given = {
+        f.name: getattr(namespace, f.name)
+        for f in dataclasses.fields(cls)
+        if f.init and hasattr(namespace, f.name)
+    }
+    hints = typing.get_type_hints(cls)
+    for name, value in given.items():
+        if get_origin(hints[name]) is tuple and value is not None:
+            given[name] = tuple(value)
+    if base is None:
+        return cls(**given)
+    return dataclasses.replace(base, **given)

@@ -1,0 +1,1 @@
+"""Reducible statistics and where they are written."""

@@ -1,0 +1,1 @@
+"""The policy model: megatron-core's GPTModel shaped like Qwen3-MoE."""

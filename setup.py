@@ -1,0 +1,59 @@
+"""megatron_rl: stable RL for Mixture-of-Experts models on megatron-core.
+
+Every version pin of the project lives in ``PINS`` below: the CPU extra pins the
+releases that install on Python 3.11 CPU machines (CI, laptops); the GPU extra adds
+what the Docker image brings on NVIDIA machines.
+"""
+
+from setuptools import find_packages, setup
+
+PINS = {
+    # torch: 2.13.0 is the CPU wheel the CPU machines carry; GPU images bring their own.
+    "torch": "torch==2.13.0",
+    # megatron-core >= 0.17 needs Python 3.12; 0.16.1 is the newest for 3.11.
+    "megatron-core-cpu": "megatron-core==0.16.1",
+    "megatron-core": "megatron-core>=0.16.1",
+    "transformers": "transformers>=5.0,<6",
+    "tokenizers": "tokenizers>=0.22",
+    "safetensors": "safetensors>=0.5",
+    "reasoning-gym": "reasoning-gym>=0.1.25",
+    "fastapi": "fastapi>=0.115",
+    "uvicorn": "uvicorn>=0.30",
+    "httpx": "httpx>=0.27",
+    "rich": "rich>=13",
+    "tensorboard": "tensorboard>=2.15",
+    "wandb": "wandb>=0.19",
+    "psutil": "psutil>=5.9",
+    "matplotlib": "matplotlib>=3.8",
+    "numpy": "numpy>=1.26",
+    "pytest": "pytest>=8",
+    "ruff": "ruff>=0.6",
+    "transformer-engine": "transformer-engine[pytorch]>=2.6",
+    "apex": "apex",
+    "sglang": "sglang[all]>=0.5.7",
+}
+
+BASE = [
+    PINS[name]
+    for name in (
+        "megatron-core", "transformers", "tokenizers", "safetensors", "reasoning-gym",
+        "fastapi", "uvicorn", "httpx", "rich", "tensorboard", "wandb", "psutil",
+        "matplotlib", "numpy",
+    )
+]
+
+setup(
+    name="megatron_rl",
+    version="0.1.0",
+    description="Stable RL (MiniRL, routing replay R2/R3) for MoE models on megatron-core",
+    packages=find_packages(include=["megatron_rl", "megatron_rl.*"]),
+    python_requires=">=3.10",
+    install_requires=BASE,
+    extras_require={
+        "cpu": [PINS["torch"], PINS["megatron-core-cpu"]],
+        "gpu": [PINS["transformer-engine"], PINS["apex"], PINS["sglang"]],
+        "dev": [PINS["pytest"], PINS["ruff"]],
+    },
+    py_modules=["pretrain_rl"],
+    entry_points={"console_scripts": ["megatron-rl=pretrain_rl:main"]},
+)
