@@ -1,0 +1,168 @@
+"""Prompt sources: reasoning-gym datasets (procedural, offline) or JSONL files.
+
+A task is an indexable, deterministic sequence of items (prompt text, reference answer,
+scorer data). The training stream walks it by position -- the position is saved in
+checkpoints -- and never yields an item of the held-out evaluation set.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from megatron_rl.config.flags import ConfigError
+
+
+@dataclass(kw_only=True, frozen=True)
+class TaskConfig:
+    """Which task the policy learns and how prompts are written."""
+
+    rl_task: str = "chain_sum"
+    """A reasoning-gym dataset name, or a .jsonl file with "prompt" and "answer" fields."""
+    rl_task_config: str = '{"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}'
+    """JSON settings passed to reasoning_gym.create_dataset (ignored for JSONL)."""
+    rl_task_size: int = 100_000
+    """Items in the procedural training set (the stream cycles through it)."""
+    rl_eval_size: int = 128
+    """Held-out items for evaluation (excluded from training)."""
+    rl_prompt_template: str = "{question} "
+    """Python format string turning an item's question into the prompt."""
+    rl_reward_function: str | None = None
+    """A user reward function as module:function(response_text, item) -> float; default is
+    the task's own scorer."""
+
+    def validate(self) -> None:
+        if "{question}" not in self.rl_prompt_template:
+            raise ConfigError("--rl-prompt-template must contain {question}")
+        if self.rl_task_size < 1 or self.rl_eval_size < 0:
+            raise ConfigError("--rl-task-size must be >= 1 and --rl-eval-size >= 0")
+        if not self.rl_task.endswith(".jsonl"):
+            try:
+                json.loads(self.rl_task_config)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"--rl-task-config is not valid JSON: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class TaskItem:
+    """One prompt with what is needed to score a response to it."""
+
+    index: int
+    prompt: str
+    answer: str
+    entry: dict[str, Any]
+
+
+class Task:
+    """Training stream and held-out set of one task."""
+
+    def __init__(self, config: TaskConfig, seed: int) -> None:
+        config.validate()
+        self.config = config
+        if config.rl_task.endswith(".jsonl"):
+            self._train, self._eval, self._score = _jsonl_task(config)
+        else:
+            self._train, self._eval, self._score = _reasoning_gym_task(config, seed)
+        self._held_out = {self._eval[i]["question"] for i in range(len(self._eval))}
+        self._reward_fn = load_function(config.rl_reward_function) if config.rl_reward_function \
+            else None
+
+    def _item(self, source, index: int) -> TaskItem:
+        entry = source[index]
+        return TaskItem(
+            index=index,
+            prompt=self.config.rl_prompt_template.format(question=entry["question"]),
+            answer=str(entry["answer"]),
+            entry=entry,
+        )
+
+    def next_items(self, position: int, count: int) -> tuple[list[TaskItem], int]:
+        """``count`` training items from stream ``position``; returns the new position."""
+        items = []
+        size = len(self._train)
+        skipped = 0
+        while len(items) < count:
+            entry_index = position % size
+            position += 1
+            if self._train[entry_index]["question"] in self._held_out:
+                skipped += 1
+                if skipped > size:
+                    raise ConfigError("every training item is in the held-out set")
+                continue
+            items.append(self._item(self._train, entry_index))
+        return items, position
+
+    def eval_items(self) -> list[TaskItem]:
+        return [self._item(self._eval, i) for i in range(len(self._eval))]
+
+    def score(self, response: str, item: TaskItem) -> float:
+        """Reward of a response: the user's function or the task's own scorer."""
+        if self._reward_fn is not None:
+            return float(self._reward_fn(response, item))
+        return float(self._score(response.strip(), item.entry))
+
+
+def _reasoning_gym_task(config: TaskConfig, seed: int):
+    import reasoning_gym
+
+    settings = json.loads(config.rl_task_config)
+    try:
+        train = reasoning_gym.create_dataset(
+            config.rl_task, size=config.rl_task_size, seed=seed, **settings
+        )
+        held = reasoning_gym.create_dataset(
+            config.rl_task, size=max(config.rl_eval_size, 1), seed=seed + 1_000_003, **settings
+        )
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ConfigError(f"--rl-task {config.rl_task!r} with {settings}: {exc}") from exc
+    held_entries = [held[i] for i in range(config.rl_eval_size)]
+    return train, held_entries, train.score_answer
+
+
+def _jsonl_task(config: TaskConfig):
+    if not os.path.isfile(config.rl_task):
+        raise ConfigError(f"--rl-task {config.rl_task}: no such file")
+    entries = []
+    with open(config.rl_task) as handle:
+        for line_no, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                entries.append({"question": record["prompt"], "answer": str(record["answer"]),
+                                "metadata": record.get("metadata", {})})
+            except (json.JSONDecodeError, KeyError) as exc:
+                raise ConfigError(
+                    f"{config.rl_task} line {line_no}: need a JSON object with 'prompt' and "
+                    f"'answer' ({exc})"
+                ) from exc
+    if len(entries) <= config.rl_eval_size:
+        raise ConfigError(
+            f"{config.rl_task} has {len(entries)} items, not more than --rl-eval-size "
+            f"{config.rl_eval_size}"
+        )
+    held = entries[: config.rl_eval_size]
+    train = entries[config.rl_eval_size:]
+
+    def exact_match(response: str, entry: dict) -> float:
+        return 1.0 if response.strip() == entry["answer"].strip() else 0.0
+
+    return train, held, exact_match
+
+
+def load_function(path: str) -> Callable:
+    """Import ``module:function``."""
+    module_name, _, name = path.partition(":")
+    if not module_name or not name:
+        raise ConfigError(f"{path!r} is not of the form module:function")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"cannot import {module_name!r} (from {path!r}): {exc}") from exc
+    try:
+        return getattr(module, name)
+    except AttributeError:
+        raise ConfigError(f"module {module_name!r} has no attribute {name!r}") from None

@@ -1,0 +1,182 @@
+"""Process groups: torch.distributed and megatron-core's parallel_state.
+
+Launch with torchrun (or SLURM, which sets the same variables through
+``examples/slurm``); a single process without a launcher also works.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+
+from megatron_rl import cpu_adaptation
+from megatron_rl.config.flags import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True, frozen=True)
+class ParallelConfig:
+    """How the model and the batch are split over processes. Megatron-LM's flag names."""
+
+    tensor_model_parallel_size: int = 1
+    """Tensor parallel size (TP). With MoE layers, TP > 1 needs --sequence-parallel."""
+    pipeline_model_parallel_size: int = 1
+    """Pipeline parallel size (PP)."""
+    num_layers_per_virtual_pipeline_stage: int | None = None
+    """Layers per virtual pipeline stage (interleaved schedule); None disables it."""
+    expert_model_parallel_size: int = 1
+    """Expert parallel size (EP)."""
+    expert_tensor_parallel_size: int | None = None
+    """Tensor parallel size of the experts; None uses --tensor-model-parallel-size."""
+    context_parallel_size: int = 1
+    """Context parallel size (CP). Needs Transformer Engine attention (GPU)."""
+    sequence_parallel: bool = False
+    """Split activations along the sequence over tensor-parallel ranks."""
+    distributed_backend: Literal["nccl", "gloo"] | None = None
+    """Collective backend; default nccl with CUDA, gloo without."""
+    distributed_timeout_minutes: int = 10
+    """Timeout of collectives."""
+
+    def model_parallel_size(self) -> int:
+        return (
+            self.tensor_model_parallel_size
+            * self.pipeline_model_parallel_size
+            * self.context_parallel_size
+        )
+
+    def data_parallel_size(self, world_size: int) -> int:
+        return world_size // self.model_parallel_size()
+
+    def validate(self, world_size: int, num_layers: int, num_experts: int) -> None:
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                     "expert_model_parallel_size", "context_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+        mp = self.model_parallel_size()
+        if world_size % mp:
+            raise ConfigError(
+                f"world size {world_size} is not divisible by TP x PP x CP = "
+                f"{self.tensor_model_parallel_size} x {self.pipeline_model_parallel_size} x "
+                f"{self.context_parallel_size} = {mp}"
+            )
+        etp = self.expert_tensor_parallel_size or self.tensor_model_parallel_size
+        expert_mp = etp * self.expert_model_parallel_size * self.pipeline_model_parallel_size
+        if world_size % expert_mp:
+            raise ConfigError(
+                f"world size {world_size} is not divisible by expert TP x EP x PP = "
+                f"{etp} x {self.expert_model_parallel_size} x "
+                f"{self.pipeline_model_parallel_size} = {expert_mp}"
+            )
+        if num_experts % self.expert_model_parallel_size:
+            raise ConfigError(
+                f"--num-experts {num_experts} is not divisible by "
+                f"--expert-model-parallel-size {self.expert_model_parallel_size}"
+            )
+        if num_layers % self.pipeline_model_parallel_size:
+            raise ConfigError(
+                f"--num-layers {num_layers} is not divisible by "
+                f"--pipeline-model-parallel-size {self.pipeline_model_parallel_size}"
+            )
+        if self.num_layers_per_virtual_pipeline_stage is not None:
+            per_stage = num_layers // self.pipeline_model_parallel_size
+            if self.pipeline_model_parallel_size < 2:
+                raise ConfigError(
+                    "--num-layers-per-virtual-pipeline-stage needs "
+                    "--pipeline-model-parallel-size >= 2"
+                )
+            if per_stage % self.num_layers_per_virtual_pipeline_stage:
+                raise ConfigError(
+                    f"{per_stage} layers per pipeline stage are not divisible by "
+                    f"--num-layers-per-virtual-pipeline-stage "
+                    f"{self.num_layers_per_virtual_pipeline_stage}"
+                )
+        if self.tensor_model_parallel_size > 1 and not self.sequence_parallel:
+            raise ConfigError(
+                "--tensor-model-parallel-size > 1 with MoE layers needs --sequence-parallel "
+                "(megatron-core's MoE layer requires it)"
+            )
+        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
+            raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+        if self.context_parallel_size > 1 and not torch.cuda.is_available():
+            raise ConfigError(
+                "--context-parallel-size > 1 needs Transformer Engine attention on GPU; "
+                "megatron-core's local attention (CPU) supports only CP=1"
+            )
+
+    def virtual_pipeline_size(self, num_layers: int) -> int | None:
+        if self.num_layers_per_virtual_pipeline_stage is None:
+            return None
+        per_stage = num_layers // self.pipeline_model_parallel_size
+        return per_stage // self.num_layers_per_virtual_pipeline_stage
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(parallel: ParallelConfig, num_layers: int, seed: int) -> None:
+    """Start torch.distributed and megatron's parallel_state; seed every RNG.
+
+    Also activates the CPU adaptation of megatron-core when CUDA is unavailable."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    cpu_adaptation.activate()
+    backend = parallel.distributed_backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise ConfigError("--distributed-backend nccl needs CUDA; use gloo on CPU")
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(
+            backend=backend,
+            timeout=datetime.timedelta(minutes=parallel.distributed_timeout_minutes),
+        )
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+            pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_size(num_layers),
+            context_parallel_size=parallel.context_parallel_size,
+            expert_model_parallel_size=parallel.expert_model_parallel_size,
+            expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
+        )
+    model_parallel_cuda_manual_seed(seed)
+    logger.info(
+        "rank %d/%d: TP=%d PP=%d EP=%d CP=%d DP=%d backend=%s",
+        dist.get_rank(), dist.get_world_size(), parallel.tensor_model_parallel_size,
+        parallel.pipeline_model_parallel_size, parallel.expert_model_parallel_size,
+        parallel.context_parallel_size, ps.get_data_parallel_world_size(), backend,
+    )
+
+
+def destroy_distributed() -> None:
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0

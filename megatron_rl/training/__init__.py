@@ -1,0 +1,1 @@
+"""Training on megatron-core: model wrapping, optimizer, schedule, checkpoints, loops."""

@@ -1,0 +1,109 @@
+"""Optimisation, checkpointing and logging settings (Megatron-LM flag names)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from megatron_rl.config.flags import ConfigError
+
+
+@dataclass(kw_only=True, frozen=True)
+class TrainingConfig:
+    """Optimiser and schedule."""
+
+    micro_batch_size: int = 8
+    """Samples per micro-batch on one data-parallel rank."""
+    global_batch_size: int = 64
+    """Samples per optimiser step over all data-parallel ranks (SFT); in RL the rollout
+    batch, split into --rl-mini-batch-size updates."""
+    train_iters: int = 200
+    """Optimiser steps (SFT) or RL steps (RL)."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the decay."""
+    lr_warmup_iters: int = 0
+    """Linear warm-up steps."""
+    lr_decay_style: Literal["constant", "linear", "cosine"] = "cosine"
+    """Decay after warm-up."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.95
+    """Adam beta2."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    clip_grad: float = 1.0
+    """Gradient norm clipping (0 disables)."""
+    bf16: bool = False
+    """Train in bfloat16 (fp32 master weights); off on CPU by default."""
+    use_distributed_optimizer: bool = False
+    """Shard optimiser state over data-parallel ranks (ZeRO-1)."""
+    seed: int = 1234
+    """Seed of every random generator."""
+
+    def validate(self, data_parallel_size: int) -> None:
+        if self.micro_batch_size < 1 or self.global_batch_size < 1:
+            raise ConfigError("--micro-batch-size and --global-batch-size must be >= 1")
+        if self.global_batch_size % (self.micro_batch_size * data_parallel_size):
+            raise ConfigError(
+                f"--global-batch-size {self.global_batch_size} is not divisible by "
+                f"--micro-batch-size {self.micro_batch_size} x data-parallel size "
+                f"{data_parallel_size}"
+            )
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ConfigError(f"need 0 <= --min-lr ({self.min_lr}) <= --lr ({self.lr}), --lr > 0")
+        if self.train_iters < 1:
+            raise ConfigError("--train-iters must be >= 1")
+
+
+@dataclass(kw_only=True, frozen=True)
+class CheckpointConfig:
+    """Where checkpoints go and come from."""
+
+    save: str | None = None
+    """Directory to save checkpoints (and metrics.jsonl) to."""
+    load: str | None = None
+    """Directory to resume from (its latest complete checkpoint)."""
+    save_interval: int = 0
+    """Save every N steps (0: only at the end)."""
+    no_load_optim: bool = False
+    """Load model weights only (e.g. RL from a cold-start checkpoint)."""
+    no_load_rng: bool = False
+    """Do not restore RNG states."""
+    finetune: bool = False
+    """Load weights only and start counting steps from 0."""
+    keep_last: int = 2
+    """Complete checkpoints to keep (older ones are deleted)."""
+
+
+@dataclass(kw_only=True, frozen=True)
+class LoggingConfig:
+    """Where metrics go."""
+
+    log_interval: int = 1
+    """Print a metrics line every N steps."""
+    tensorboard_dir: str | None = None
+    """Write tensorboard events here."""
+    wandb_project: str | None = None
+    """Log to this wandb project (offline when there is no network)."""
+    wandb_exp_name: str | None = None
+    """wandb run name."""
+    wandb_mode: Literal["online", "offline", "disabled"] = "offline"
+    """wandb mode; offline writes locally for a later `wandb sync`."""
+    progress: bool = True
+    """Show the rich progress display (rank 0)."""
+
+
+@dataclass(kw_only=True, frozen=True)
+class EvalConfig:
+    """Held-out evaluation (greedy decoding)."""
+
+    eval_interval: int = 0
+    """Evaluate every N steps (0: only before the first and after the last step)."""
+    eval_max_new_tokens: int = 8
+    """Longest greedy answer generated during evaluation."""
+    eval_micro_batch_size: int = 32
+    """Prompts per forward pass during evaluation."""

@@ -1,0 +1,46 @@
+"""Entry point: RL (or the cold-start SFT stage) of a MoE model on megatron-core.
+
+    torchrun --nproc-per-node 2 pretrain_rl.py --stage sft --expert-model-parallel-size 2 \
+        --save runs/coldstart
+    torchrun --nproc-per-node 2 pretrain_rl.py --expert-model-parallel-size 2 \
+        --load runs/coldstart --routing-replay r3 --save runs/rl
+
+Flags follow Megatron-LM's names; ``--help`` lists them by group.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    from megatron_rl.arguments import parse_args
+    from megatron_rl.config.flags import ConfigError
+    from megatron_rl.logging_setup import setup_logging
+
+    setup_logging()
+    try:
+        run = parse_args(argv)
+    except ConfigError as exc:
+        print(f"pretrain_rl.py: error: {exc}", file=sys.stderr)
+        return 2
+    if run.stage == "sft":
+        from megatron_rl.training.sft import run_sft
+
+        run_sft(run)
+    else:
+        from megatron_rl.training.rl_loop import run_rl
+
+        run_rl(run)
+    from megatron_rl.distributed import destroy_distributed
+
+    destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    # The work stays under this guard: dist_checkpointing starts a helper process with
+    # the "spawn" method, which re-imports this file.
+    logging.captureWarnings(True)
+    sys.exit(main())
