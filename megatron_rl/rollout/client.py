@@ -1,0 +1,480 @@
+"""Async rollout client over one or more SGLang (or embedded) servers.
+
+Reliability model, per rollout batch:
+
+- every sample has a stable request id ``{batch_id}/p{prompt}/s{sample}`` and a
+  ``sampling_seed`` derived from it, and results are keyed by that id: a sample is
+  recorded exactly once, and a retried request samples the same tokens (same weights);
+- at most ``concurrency`` requests are in flight; each goes to the live server with the
+  fewest requests in flight (a retry avoids the server that just failed it);
+- a connection error makes the server *suspect*: it gets no new requests while a probe
+  calls ``/health`` up to ``retries`` times with exponential backoff. If it answers, it
+  is back; if not, it is declared *down* -- logged by URL, listed in ``down_servers`` --
+  and the batch continues on the other servers (``on_server_failure='continue'``), or
+  fails at once (``'fail'``), or fails when no server is left. Requests it held are sent
+  again (to another server, or to it once it is back);
+- timeouts, 5xx answers and aborted requests are retried up to ``retries`` times with
+  backoff; 4xx answers and malformed responses fail the batch with the request and server
+  named (they are configuration errors that retrying would hide).
+
+A down server rejoins at the start of a later batch if ``/health`` answers and it serves
+the weight version of the last successful weight update.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import httpx
+
+from megatron_rl.model.config import ModelConfig
+from megatron_rl.rollout.config import RolloutConfig
+from megatron_rl.rollout.protocol import (
+    RolloutAbortedError,
+    RolloutProtocolError,
+    RolloutServerError,
+    SamplingParams,
+    build_generate_request,
+    decode_generate_response,
+)
+from megatron_rl.rollout.server_checks import check_server
+from megatron_rl.rollout.server_pool import ServerPool, ServerState
+from megatron_rl.rollout.types import RolloutSample
+from megatron_rl.weight_sync.hf_config import ModelShape
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+MAX_BACKOFF_S = 30.0
+
+
+@dataclass(kw_only=True)
+class RolloutRequest:
+    """One response to generate: which prompt, which sample of its group, the prompt ids."""
+
+    prompt_index: int
+    sample_index: int
+    prompt_ids: list[int]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def sample_seed(base_seed: int, rid: str) -> int:
+    """A 63-bit sampling seed that depends only on the base seed and the request id."""
+    digest = hashlib.blake2b(f"{base_seed}:{rid}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def run_sync(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` to completion from synchronous code (also inside a running loop)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+class RolloutClient:
+    """Generates rollout batches on SGLang-compatible servers; weight-sync control calls.
+
+    Async methods start with ``a``; each has a synchronous twin for the training loop."""
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        *,
+        model_config: ModelConfig,
+        sampling: SamplingParams | None = None,
+        api_key: str | None = None,
+        seed: int = 1234,
+        concurrency: int = 64,
+        timeout_s: float = 600.0,
+        retries: int = 5,
+        retry_backoff_s: float = 1.0,
+        on_server_failure: str = "continue",
+        return_routed_experts: bool = False,
+        progress: bool = False,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ):
+        """``transport`` replaces httpx's network transport (tests use httpx.MockTransport)."""
+        if not urls:
+            raise ValueError("RolloutClient needs at least one server URL")
+        if on_server_failure not in ("continue", "fail"):
+            raise ValueError(
+                f"on_server_failure must be 'continue' or 'fail', got {on_server_failure!r}"
+            )
+        self.urls = [u.rstrip("/") for u in urls]
+        self.model_config = model_config
+        self.shape = ModelShape.from_model_config(model_config)
+        self.sampling = sampling or SamplingParams()
+        self.api_key, self.seed = api_key, seed
+        self.concurrency, self.timeout_s = concurrency, timeout_s
+        self.retries, self.retry_backoff_s = retries, retry_backoff_s
+        self.on_server_failure = on_server_failure
+        self.return_routed_experts, self.progress = return_routed_experts, progress
+        self.transport = transport
+        self.down_servers: dict[str, str] = {}
+        """URL -> reason, for servers declared down (cleared when one rejoins)."""
+        self.weight_version: str | None = None
+        """Version of the last successful weight update on all servers."""
+        self.last_batch_stats: dict[str, Any] = {}
+
+    @classmethod
+    def from_config(
+        cls,
+        config: RolloutConfig,
+        model_config: ModelConfig,
+        *,
+        urls: Sequence[str] | None = None,
+        return_routed_experts: bool = False,
+    ) -> RolloutClient:
+        """Client for ``config`` (``urls`` overrides ``config.urls``, e.g. embedded servers)."""
+        return cls(
+            urls if urls is not None else config.urls,
+            model_config=model_config,
+            sampling=config.sampling_params(),
+            api_key=config.api_key,
+            seed=config.seed,
+            concurrency=config.concurrency,
+            timeout_s=config.timeout_s,
+            retries=config.retries,
+            retry_backoff_s=config.retry_backoff_s,
+            on_server_failure=config.on_server_failure,
+            return_routed_experts=return_routed_experts,
+            progress=config.progress,
+        )
+
+    def backoff(self, attempt: int) -> float:
+        return min(self.retry_backoff_s * 2**attempt, MAX_BACKOFF_S)
+
+    def _http(self) -> httpx.AsyncClient:
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        limits = httpx.Limits(max_connections=self.concurrency + 2 * len(self.urls))
+        return httpx.AsyncClient(
+            headers=headers, timeout=self.timeout_s, limits=limits, transport=self.transport
+        )
+
+    # ---- generation -------------------------------------------------------------------
+
+    def generate_batch(
+        self,
+        requests: Sequence[RolloutRequest],
+        batch_id: str,
+        on_sample: Callable[[RolloutSample], None] | None = None,
+    ) -> list[RolloutSample]:
+        """Synchronous :meth:`agenerate`."""
+        return run_sync(self.agenerate(requests, batch_id, on_sample))
+
+    async def agenerate(
+        self,
+        requests: Sequence[RolloutRequest],
+        batch_id: str,
+        on_sample: Callable[[RolloutSample], None] | None = None,
+    ) -> list[RolloutSample]:
+        """Generate one response per request; samples come back in the requests' order.
+
+        ``batch_id`` (e.g. ``"step12"``) makes request ids unique across batches and, with
+        the client's seed, fixes each sample's sampling seed. ``on_sample`` is called with
+        each sample as it arrives (on the event loop's thread)."""
+        rids = [f"{batch_id}/p{r.prompt_index}/s{r.sample_index}" for r in requests]
+        if len(set(rids)) != len(rids):
+            raise ValueError(f"batch {batch_id}: two requests share a (prompt_index, sample_index)")
+        started = time.perf_counter()
+        async with self._http() as http:
+            pool = ServerPool(
+                http,
+                [ServerState(u) for u in self.urls],
+                probes=self.retries,
+                backoff=self.backoff,
+                fail_on_down=self.on_server_failure == "fail",
+                on_down=lambda s: self.down_servers.__setitem__(s.url, s.reason),
+            )
+            await self._rejoin_down_servers(http, pool)
+            self._retries = 0
+            semaphore = asyncio.Semaphore(self.concurrency)
+            with _progress(self.progress, len(requests), batch_id) as advance:
+
+                async def one(request: RolloutRequest, rid: str) -> RolloutSample:
+                    async with semaphore:
+                        sample = await self._generate_one(pool, http, request, rid)
+                    advance()
+                    if on_sample is not None:
+                        on_sample(sample)
+                    return sample
+
+                tasks = [
+                    asyncio.create_task(one(q, rid)) for q, rid in zip(requests, rids, strict=True)
+                ]
+                try:
+                    results = await _gather_or_cancel(tasks)
+                finally:
+                    pool.close()
+        by_rid = {s.request_id: s for s in results}
+        if sorted(by_rid) != sorted(rids):  # guards the no-loss/no-duplicate contract
+            raise RuntimeError(f"batch {batch_id}: results do not match the requests one to one")
+        elapsed = time.perf_counter() - started
+        self.last_batch_stats = {
+            "samples": len(results),
+            "retries": self._retries,
+            "servers_down": sorted(s.url for s in pool.servers if s.down),
+            "seconds": elapsed,
+            "response_tokens": sum(len(s.response_ids) for s in results),
+        }
+        return [by_rid[rid] for rid in rids]
+
+    async def _generate_one(
+        self, pool: ServerPool, http: httpx.AsyncClient, request: RolloutRequest, rid: str
+    ) -> RolloutSample:
+        body = build_generate_request(
+            rid=rid,
+            input_ids=request.prompt_ids,
+            sampling=self.sampling,
+            sampling_seed=sample_seed(self.seed, rid),
+            return_routed_experts=self.return_routed_experts,
+        )
+        failures, unreachable, avoid = 0, 0, None
+        while True:
+            server = await pool.pick(avoid)
+            server.in_flight += 1
+            started = time.perf_counter()
+            try:
+                response = await http.post(f"{server.url}/generate", json=body)
+            except httpx.TimeoutException as exc:
+                error: Exception = RolloutProtocolError(
+                    f"no answer within {self.timeout_s} s ({type(exc).__name__})",
+                    rid=rid,
+                    server_url=server.url,
+                )
+            except httpx.TransportError as exc:
+                # The server is unreachable or died mid-request: wait for it or use another.
+                # Bounded in case /health answers while /generate keeps failing.
+                unreachable += 1
+                if unreachable > self.retries + len(self.urls):
+                    raise RolloutServerError(
+                        f"request {rid!r}: gave up after {unreachable} connection failures, last on "
+                        f"{server.url} ({type(exc).__name__}: {exc})"
+                    ) from exc
+                await pool.connection_failed(server, exc)
+                self._retries += 1
+                avoid = server
+                continue
+            else:
+                error = None
+            finally:
+                server.in_flight -= 1
+            if error is None:
+                if 400 <= response.status_code < 500:
+                    raise RolloutProtocolError(
+                        f"HTTP {response.status_code}: {response.text[:500]}",
+                        rid=rid,
+                        server_url=server.url,
+                    )
+                if response.status_code >= 500:
+                    error = RolloutProtocolError(
+                        f"HTTP {response.status_code}: {response.text[:300]}",
+                        rid=rid,
+                        server_url=server.url,
+                    )
+                else:
+                    try:
+                        payload = response.json()
+                    except ValueError as exc:
+                        raise RolloutProtocolError(
+                            f"response is not JSON: {exc}", rid=rid, server_url=server.url
+                        ) from None
+                    try:
+                        decoded = decode_generate_response(
+                            payload, request=body, shape=self.shape, server_url=server.url
+                        )
+                    except RolloutAbortedError as exc:
+                        error = exc
+                    else:
+                        return RolloutSample(
+                            prompt_index=request.prompt_index,
+                            sample_index=request.sample_index,
+                            prompt_ids=list(request.prompt_ids),
+                            response_ids=decoded.output_ids,
+                            rollout_logprobs=decoded.logprobs,
+                            routes=decoded.routes,
+                            finish_reason=decoded.finish_reason,
+                            weight_version=decoded.weight_version,
+                            prompt_tokens=decoded.prompt_tokens,
+                            completion_tokens=decoded.completion_tokens,
+                            latency_s=time.perf_counter() - started,
+                            server_url=server.url,
+                            request_id=rid,
+                            metadata=dict(request.metadata),
+                        )
+            failures += 1
+            if failures > self.retries:
+                raise RolloutServerError(f"gave up after {failures} attempts: {error}") from error
+            logger.warning("retrying (%d/%d): %s", failures, self.retries, error)
+            self._retries += 1
+            avoid = server
+            await asyncio.sleep(self.backoff(failures - 1))
+
+    async def _rejoin_down_servers(self, http: httpx.AsyncClient, pool: ServerPool) -> None:
+        for server in pool.servers:
+            if server.url not in self.down_servers:
+                continue
+            try:
+                info = (await http.get(f"{server.url}/get_model_info", timeout=5.0)).json()
+                version = info.get("weight_version")
+                fresh = self.weight_version is None or str(version) == self.weight_version
+            except (httpx.HTTPError, ValueError, AttributeError):
+                fresh = False
+            if fresh:
+                logger.info("rollout server %s is reachable again and rejoins", server.url)
+                del self.down_servers[server.url]
+            else:
+                server.down, server.reason = True, self.down_servers[server.url]
+
+    # ---- start-up checks and control calls --------------------------------------------
+
+    def check_servers(
+        self, model_config: ModelConfig | None = None, require_routed_experts: bool | None = None
+    ) -> dict[str, dict]:
+        """Synchronous :meth:`acheck_servers`."""
+        return run_sync(self.acheck_servers(model_config, require_routed_experts))
+
+    async def acheck_servers(
+        self, model_config: ModelConfig | None = None, require_routed_experts: bool | None = None
+    ) -> dict[str, dict]:
+        """Refuse servers whose model differs from the trainer's, or (r3) that return no
+        routed experts; return each server's ``/get_model_info``. See ``server_checks``."""
+        shape = ModelShape.from_model_config(model_config or self.model_config)
+        need_routes = (
+            self.return_routed_experts if require_routed_experts is None else require_routed_experts
+        )
+        async with self._http() as http:
+            infos = await asyncio.gather(
+                *(check_server(http, url, shape, need_routes) for url in self.urls),
+                return_exceptions=True,
+            )
+        errors = [str(e) for e in infos if isinstance(e, BaseException)]
+        if errors:
+            raise RolloutServerError("rollout server check failed:\n  " + "\n  ".join(errors))
+        return dict(zip(self.urls, infos, strict=True))
+
+    def update_weights_from_disk(
+        self, model_path: str, weight_version: str, flush_cache: bool = True
+    ) -> None:
+        run_sync(self.aupdate_weights_from_disk(model_path, weight_version, flush_cache))
+
+    async def aupdate_weights_from_disk(
+        self, model_path: str, weight_version: str, flush_cache: bool = True
+    ) -> None:
+        """``POST /update_weights_from_disk`` on every server that is not down; all must succeed."""
+        body = {
+            "model_path": str(model_path),
+            "weight_version": str(weight_version),
+            "flush_cache": flush_cache,
+        }
+        await self._control(
+            "POST", "/update_weights_from_disk", body, f"weight update to version {weight_version}"
+        )
+        self.weight_version = str(weight_version)
+
+    def flush_cache(self) -> None:
+        run_sync(self.aflush_cache())
+
+    async def aflush_cache(self) -> None:
+        await self._control("POST", "/flush_cache", None, "cache flush")
+
+    def health(self) -> dict[str, bool]:
+        return run_sync(self.ahealth())
+
+    async def ahealth(self) -> dict[str, bool]:
+        """URL -> whether ``/health`` answers 200."""
+        async with self._http() as http:
+
+            async def ok(url: str) -> bool:
+                try:
+                    return (await http.get(f"{url}/health", timeout=5.0)).status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            return dict(
+                zip(self.urls, await asyncio.gather(*(ok(u) for u in self.urls)), strict=True)
+            )
+
+    async def _control(self, method: str, path: str, body: dict | None, what: str) -> None:
+        targets = [u for u in self.urls if u not in self.down_servers]
+        for url in self.urls:
+            if url in self.down_servers:
+                logger.warning("%s skips %s, which is down (%s)", what, url, self.down_servers[url])
+        if not targets:
+            raise RolloutServerError(f"{what}: every rollout server is down: {self.down_servers}")
+        async with self._http() as http:
+
+            async def call(url: str) -> str | None:
+                try:
+                    response = await http.request(method, f"{url}{path}", json=body)
+                except httpx.HTTPError as exc:
+                    return f"{url} ({type(exc).__name__}: {exc})"
+                try:
+                    success = response.json().get("success", True)
+                except (ValueError, AttributeError):
+                    success = True  # SGLang answers /flush_cache with plain text
+                if response.status_code != 200 or success is False:
+                    return f"{url} (HTTP {response.status_code}: {response.text[:300]})"
+                return None
+
+            failures = [f for f in await asyncio.gather(*(call(u) for u in targets)) if f]
+        if failures:
+            ok = [u for u in targets if not any(f.startswith(u + " ") for f in failures)]
+            raise RolloutServerError(
+                f"{what} failed on: {'; '.join(failures)}; succeeded on: {ok or 'none'}"
+            )
+
+
+async def _gather_or_cancel(tasks: list[asyncio.Task]) -> list:
+    """Results of all tasks; on the first failure cancel the rest and raise it."""
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        pending = [t for t in tasks if not t.done()]
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+    for task in tasks:
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            raise task.exception()
+    return [t.result() for t in tasks]
+
+
+class _progress:
+    """A rich progress bar for one batch (a no-op when disabled)."""
+
+    def __init__(self, enabled: bool, total: int, batch_id: str):
+        self.enabled, self.total, self.batch_id = enabled, total, batch_id
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda: None
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self.bar = Progress(
+            TextColumn("rollout {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            transient=True,
+        )  # fmt: skip
+        self.bar.start()
+        task = self.bar.add_task(self.batch_id, total=self.total)
+        return lambda: self.bar.advance(task)
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            self.bar.stop()

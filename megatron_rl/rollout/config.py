@@ -1,0 +1,117 @@
+"""Rollout configuration: which servers, how to talk to them, how to sample."""
+
+from __future__ import annotations
+
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Literal
+
+from megatron_rl.config.flags import ConfigError
+from megatron_rl.rollout.protocol import SamplingParams
+
+
+@dataclass(kw_only=True, frozen=True)
+class RolloutConfig:
+    """Rollout servers, the client's behaviour, sampling, and the embedded server."""
+
+    urls: tuple[str, ...] = field(default=(), metadata={"flag": "--rl-rollout-url"})
+    """SGLang server URLs (or one sglang-router URL), e.g. http://10.0.0.5:30000. Empty:
+    start the embedded CPU server on this machine."""
+    api_key: str | None = field(default=None, metadata={"flag": "--rl-rollout-api-key"})
+    """API key of the servers (sent as 'Authorization: Bearer <key>', as SGLang expects)."""
+    concurrency: int = field(default=64, metadata={"flag": "--rl-rollout-concurrency"})
+    """Most /generate requests in flight at once, over all servers."""
+    timeout_s: float = field(default=600.0, metadata={"flag": "--rl-rollout-timeout"})
+    """Seconds one /generate request may take before it counts as failed and is retried."""
+    retries: int = field(default=5, metadata={"flag": "--rl-rollout-retries"})
+    """Retries of a request after a connection error, timeout, 5xx or abort; also how many
+    health probes (with exponential backoff) a server that stopped answering gets before it
+    is declared down."""
+    retry_backoff_s: float = field(default=1.0, metadata={"flag": "--rl-rollout-retry-backoff"})
+    """First backoff in seconds; doubles with each retry (capped at 30 s)."""
+    on_server_failure: Literal["continue", "fail"] = field(
+        default="continue", metadata={"flag": "--rl-rollout-on-server-failure"}
+    )
+    """When a server stays down: 'continue' on the remaining servers (the batch fails only
+    when none is left) or 'fail' the batch at once. Either way the server is named."""
+    progress: bool = field(default=True, metadata={"flag": "--rl-rollout-progress"})
+    """Show a progress bar while a rollout batch is generated."""
+
+    temperature: float = field(default=1.0, metadata={"flag": "--rl-temperature"})
+    """Sampling temperature (0 = greedy). SGLang reports mu_old as log softmax(logits /
+    temperature), before top-k/top-p truncation: at any temperature other than 1 the trainer
+    must score with logits / temperature too."""
+    top_p: float = field(default=1.0, metadata={"flag": "--rl-top-p"})
+    """Nucleus sampling mass (1 = off). Truncation is not reflected in mu_old."""
+    top_k: int = field(default=-1, metadata={"flag": "--rl-top-k"})
+    """Top-k sampling (-1 = off). Truncation is not reflected in mu_old."""
+    max_new_tokens: int = field(default=256, metadata={"flag": "--rl-max-new-tokens"})
+    """Most tokens generated per response."""
+    stop_token_ids: tuple[int, ...] = field(default=(), metadata={"flag": "--rl-stop-token-ids"})
+    """Token ids that end a response besides the model's end-of-sequence token."""
+    seed: int = field(default=1234, metadata={"flag": "--rl-rollout-seed"})
+    """Base seed: each sample's sampling_seed derives from it and the sample's request id,
+    so a retried or re-run request samples the same tokens."""
+
+    dtype: Literal["bf16", "fp32"] = field(default="bf16", metadata={"flag": "--rl-rollout-dtype"})
+    """Embedded server: precision of the served model (bf16 disagrees a little with the fp32
+    trainer, as SGLang does with Megatron)."""
+    host: str = field(default="127.0.0.1", metadata={"flag": "--rl-rollout-host"})
+    """Embedded server: address to listen on."""
+    port: int = field(default=0, metadata={"flag": "--rl-rollout-port"})
+    """Embedded server: port (0 = pick a free one)."""
+    num_servers: int = field(default=1, metadata={"flag": "--rl-rollout-num-servers"})
+    """Embedded server: how many server processes to start (each loads the model)."""
+    max_batch_size: int = field(default=32, metadata={"flag": "--rl-rollout-max-batch-size"})
+    """Embedded server: most sequences generated together in one batch."""
+    startup_timeout_s: float = field(
+        default=180.0, metadata={"flag": "--rl-rollout-startup-timeout"}
+    )
+    """Embedded server: seconds to wait for /health after starting it."""
+
+    @property
+    def embedded(self) -> bool:
+        """True when no URL is given and the embedded server must be started."""
+        return not self.urls
+
+    def sampling_params(self) -> SamplingParams:
+        return SamplingParams(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            max_new_tokens=self.max_new_tokens,
+            stop_token_ids=tuple(self.stop_token_ids),
+        )
+
+    def validate(self) -> None:
+        for url in self.urls:
+            parsed = urllib.parse.urlparse(url)
+            if parsed.scheme not in ("http", "https") or not parsed.netloc:
+                raise ConfigError(f"--rl-rollout-url {url!r} is not an http(s)://host:port URL")
+        if len(set(self.urls)) != len(self.urls):
+            raise ConfigError(f"--rl-rollout-url lists a server twice: {list(self.urls)}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ConfigError("--rl-rollout-api-key is empty")
+        checks = [
+            (self.concurrency >= 1, f"--rl-rollout-concurrency must be >= 1, got {self.concurrency}"),
+            (self.timeout_s > 0, f"--rl-rollout-timeout must be > 0 seconds, got {self.timeout_s}"),
+            (self.retries >= 0, f"--rl-rollout-retries must be >= 0, got {self.retries}"),
+            (self.retry_backoff_s >= 0, f"--rl-rollout-retry-backoff must be >= 0, got {self.retry_backoff_s}"),
+            (self.temperature >= 0, f"--rl-temperature must be >= 0, got {self.temperature}"),
+            (0 < self.top_p <= 1, f"--rl-top-p must be in (0, 1], got {self.top_p}"),
+            (self.top_k == -1 or self.top_k >= 1, f"--rl-top-k must be -1 (off) or >= 1, got {self.top_k}"),
+            (self.max_new_tokens >= 1, f"--rl-max-new-tokens must be >= 1, got {self.max_new_tokens}"),
+            (all(t >= 0 for t in self.stop_token_ids), f"--rl-stop-token-ids must be >= 0, got {list(self.stop_token_ids)}"),
+            (0 <= self.port <= 65535, f"--rl-rollout-port must be in [0, 65535], got {self.port}"),
+            (self.num_servers >= 1, f"--rl-rollout-num-servers must be >= 1, got {self.num_servers}"),
+            (self.max_batch_size >= 1, f"--rl-rollout-max-batch-size must be >= 1, got {self.max_batch_size}"),
+            (self.startup_timeout_s > 0, f"--rl-rollout-startup-timeout must be > 0, got {self.startup_timeout_s}"),
+        ]  # fmt: skip
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        if self.port and self.num_servers > 1:
+            raise ConfigError(
+                f"--rl-rollout-port {self.port} fixes one port but --rl-rollout-num-servers is "
+                f"{self.num_servers}: use port 0 (free ports)"
+            )

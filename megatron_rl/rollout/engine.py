@@ -1,0 +1,491 @@
+"""Generation engine: a Hugging Face Qwen3-MoE on CPU, batched, with routed-expert capture.
+
+A background worker thread takes queued requests, runs them together (left padding,
+attention mask, explicit position ids, a shared KV cache; rows leave the batch as they
+finish) and resolves each request's future. Requests that arrive while a batch runs wait
+for the next batch (static batching: no admission into a running batch).
+
+Routed experts are read from a forward hook on every MoE block's ``gate``
+(``Qwen3MoeTopKRouter`` returns ``(router_logits, routing_weights, selected_experts)``),
+so they are exactly the experts the block then dispatched to. They cover the tokens fed
+forward -- the prompt and every generated token but the last -- in SGLang's layout
+``[prompt + response - 1, num_hidden_layers, top-k]`` int32, dense layers filled with 0.
+
+Padding does not leak into real tokens: padded keys are masked, positions count real
+tokens only, and each token's expert computation is independent of the other rows
+(tests compare batched with single generation). Sampling follows SGLang (see
+``rollout.sampling``), with one generator per request.
+
+Weight updates are queued like requests: the batch running (and requests queued before the
+update) finish on the old weights, later ones use the new weights; each result carries the
+``weight_version`` that produced it. Checkpoints are loaded and checked off the worker
+thread, and a checkpoint that does not fit is refused before anything changes.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import random
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, DynamicCache, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+from megatron_rl.rollout.sampling import effective_params, sample_next, token_logprobs
+from megatron_rl.weight_sync.hf_config import ModelShape
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# Config fields two checkpoints must share for one's weights to replace the other's.
+ARCHITECTURE_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "moe_intermediate_size", "num_experts",
+    "num_experts_per_tok", "mlp_only_layers", "decoder_sparse_step", "norm_topk_prob",
+    "tie_word_embeddings",
+)  # fmt: skip
+
+
+class WeightUpdateError(ValueError):
+    """A checkpoint that cannot replace the served weights; nothing was changed."""
+
+
+@dataclass(kw_only=True)
+class GenerationRequest:
+    """One sequence to generate (SGLang's per-request fields, already normalised)."""
+
+    rid: str
+    input_ids: list[int]
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    sampling_seed: int | None = None
+    return_logprob: bool = False
+    logprob_start_len: int = -1
+    return_routed_experts: bool = False
+
+
+@dataclass(kw_only=True)
+class GenerationResult:
+    rid: str
+    output_ids: list[int]
+    output_logprobs: list[float]
+    """Logprob of each generated token (see ``rollout.sampling`` for which distribution)."""
+    input_logprobs: list[float | None] | None
+    """Logprobs of prompt tokens from ``logprob_start_len`` (first one None), if asked."""
+    routed_experts: torch.Tensor | None
+    """``[prompt + response - 1, num_hidden_layers, topk]`` int32, dense layers 0."""
+    finish_reason: dict
+    weight_version: str
+    prompt_tokens: int
+    latency_s: float
+
+
+@dataclass
+class _Row:
+    """A request's progress inside a running batch."""
+
+    request: GenerationRequest
+    future: Future
+    generator: torch.Generator
+    temperature: float
+    top_k: int
+    submitted: float
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    routes: list[torch.Tensor] = field(default_factory=list)  # [tokens, moe_layers, k] pieces
+    finish_reason: dict | None = None
+
+
+@dataclass
+class _WeightSwap:
+    state_dict: dict[str, torch.Tensor]
+    weight_version: str
+    model_path: str
+    future: Future
+
+
+class _RouteCapture:
+    """Forward hooks on each MoE gate; collect ``selected_experts`` only while recording."""
+
+    def __init__(self, model: Qwen3MoeForCausalLM):
+        self.gates = [layer.mlp.gate for layer in model.model.layers if hasattr(layer.mlp, "gate")]
+        self._sink: list[torch.Tensor] | None = None
+        for gate in self.gates:
+            gate.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output) -> None:
+        if self._sink is not None:
+            self._sink.append(output[2])
+
+    def record(self, enabled: bool) -> None:
+        self._sink = [] if enabled else None
+
+    def take(self, num_tokens: int) -> torch.Tensor | None:
+        """Routes of the last forward pass, ``[num_tokens, moe_layers, k]``."""
+        sink, self._sink = self._sink, None
+        if sink is None:
+            return None
+        if len(sink) != len(self.gates):
+            raise RuntimeError(
+                f"captured {len(sink)} router outputs for {len(self.gates)} MoE layers"
+            )
+        return torch.stack([s.reshape(num_tokens, -1) for s in sink], dim=1)
+
+
+class GenerationEngine:
+    """Serves one Hugging Face Qwen3-MoE checkpoint directory."""
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike,
+        *,
+        dtype: str = "bf16",
+        max_batch_size: int = 32,
+        batch_wait_s: float = 0.005,
+        context_length: int | None = None,
+        weight_version: str = "default",
+        original_logprobs: bool = False,
+        seed: int | None = None,
+    ):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+        self.dtype = DTYPES[dtype]
+        self.model_path = str(model_dir)
+        self.model, _ = self._load(self.model_path)
+        self.config: Qwen3MoeConfig = self.model.config
+        self.shape = ModelShape.from_hf_config(self.config)
+        self.context_length = context_length or self.config.max_position_embeddings
+        self.max_batch_size = max_batch_size
+        self.batch_wait_s = batch_wait_s
+        self.weight_version = weight_version
+        self.original_logprobs = original_logprobs
+        eos = self.config.eos_token_id
+        self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+        self.pad_token_id = self.config.pad_token_id or 0
+        self.tokenizer_path = self.model_path
+        self.tokenizer = self._load_tokenizer(self.model_path)
+        self._capture = _RouteCapture(self.model)
+        self._seeds = random.Random(seed)
+        self._queue: collections.deque = collections.deque()
+        self._cond = threading.Condition()
+        self._update_lock = threading.Lock()
+        self._closed = False
+        self._worker = threading.Thread(target=self._loop, name="generation-engine", daemon=True)
+        self._worker.start()
+
+    # ---- public API -------------------------------------------------------------------
+
+    def validate(self, request: GenerationRequest) -> None:
+        """Raise ValueError (naming the request) for anything the engine cannot serve."""
+        where = f"request {request.rid!r}"
+        n = len(request.input_ids)
+        if n == 0:
+            raise ValueError(f"{where}: input_ids is empty")
+        bad = [t for t in request.input_ids if not 0 <= t < self.shape.vocab_size]
+        if bad:
+            raise ValueError(
+                f"{where}: token ids {bad[:5]} are outside the vocabulary [0, {self.shape.vocab_size})"
+            )
+        if request.max_new_tokens < 0:
+            raise ValueError(f"{where}: max_new_tokens must be >= 0, got {request.max_new_tokens}")
+        if n + request.max_new_tokens > self.context_length:
+            raise ValueError(
+                f"{where}: prompt of {n} tokens + max_new_tokens {request.max_new_tokens} exceeds "
+                f"the context length {self.context_length}"
+            )
+        if request.temperature < 0:
+            raise ValueError(f"{where}: temperature must be >= 0, got {request.temperature}")
+        if not 0 < request.top_p <= 1:
+            raise ValueError(f"{where}: top_p must be in (0, 1], got {request.top_p}")
+        if request.top_k == 0 or request.top_k < -1:
+            raise ValueError(f"{where}: top_k must be -1 (off) or >= 1, got {request.top_k}")
+        if not -1 <= request.logprob_start_len < max(n, 1):
+            raise ValueError(
+                f"{where}: logprob_start_len {request.logprob_start_len} is outside [-1, {n})"
+            )
+        bad = [t for t in request.stop_token_ids if not 0 <= t < self.shape.vocab_size]
+        if bad:
+            raise ValueError(f"{where}: stop_token_ids {bad} are outside the vocabulary")
+
+    def submit(self, request: GenerationRequest) -> Future:
+        """Queue a request; the future resolves to a :class:`GenerationResult`."""
+        self.validate(request)
+        seed = request.sampling_seed
+        if seed is None:
+            seed = self._seeds.getrandbits(63)
+        generator = torch.Generator().manual_seed(seed)
+        temperature, top_k = effective_params(request.temperature, request.top_k)
+        row = _Row(request, Future(), generator, temperature, top_k, time.perf_counter())
+        self._enqueue(row)
+        return row.future
+
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        """Submit all and wait (convenience for tests, benchmarks and scripts)."""
+        futures = [self.submit(r) for r in requests]
+        return [f.result() for f in futures]
+
+    def update_weights_from_disk(self, model_path: str, weight_version: str | None = None) -> str:
+        """Replace the weights with the checkpoint in ``model_path``; return the new version.
+
+        Blocks until the swap happened (after the requests queued before it). Raises
+        :class:`WeightUpdateError` -- and keeps serving the old weights -- if the path is
+        missing or holds a model of another shape."""
+        with self._update_lock:
+            new_model, _ = self._load(model_path, reference=self.config)
+            version = weight_version if weight_version is not None else self.weight_version
+            swap = _WeightSwap(new_model.state_dict(), str(version), str(model_path), Future())
+            del new_model
+            self._enqueue(swap)
+            swap.future.result()
+            return self.weight_version
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._worker.join(timeout=30)
+        while self._queue:
+            item = self._queue.popleft()
+            item.future.set_exception(RuntimeError("generation engine closed"))
+
+    # ---- loading ----------------------------------------------------------------------
+
+    def _load(self, path: str, reference: Qwen3MoeConfig | None = None):
+        if not Path(path, "config.json").is_file():
+            raise WeightUpdateError(f"{path} is not a checkpoint directory (no config.json)")
+        try:
+            config = Qwen3MoeConfig.from_pretrained(path)
+        except Exception as exc:
+            raise WeightUpdateError(
+                f"{path}/config.json cannot be read as Qwen3-MoE: {exc}"
+            ) from exc
+        if reference is not None:
+            diffs = [
+                f"{name}: {getattr(config, name, None)} (served: {getattr(reference, name, None)})"
+                for name in ARCHITECTURE_FIELDS
+                if getattr(config, name, None) != getattr(reference, name, None)
+            ]
+            if diffs:
+                raise WeightUpdateError(
+                    f"{path} holds a model of another shape: " + "; ".join(diffs)
+                )
+        try:
+            model, info = Qwen3MoeForCausalLM.from_pretrained(
+                path, dtype=self.dtype, output_loading_info=True, attn_implementation="eager"
+            )
+        except Exception as exc:
+            raise WeightUpdateError(f"cannot load the weights in {path}: {exc}") from exc
+        problems = {k: sorted(map(str, v)) for k, v in info.items() if v}
+        if problems:
+            raise WeightUpdateError(f"weights in {path} do not fit the model: {problems}")
+        return model.eval(), config
+
+    @staticmethod
+    def _load_tokenizer(path: str):
+        """The checkpoint's tokenizer, or None (then only ``input_ids`` requests work)."""
+        if not any(Path(path, f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            logger.warning(
+                "no tokenizer in %s: text prompts are refused, responses have no text", path
+            )
+            return None
+        return AutoTokenizer.from_pretrained(path)
+
+    # ---- worker -----------------------------------------------------------------------
+
+    def _enqueue(self, item) -> None:
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("generation engine closed")
+            self._queue.append(item)
+            self._cond.notify_all()
+
+    def _next_work(self) -> list[_Row] | _WeightSwap | None:
+        """The next weight swap, or the next batch of requests (waiting briefly for more)."""
+        with self._cond:
+            while not self._queue and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                return None
+            if isinstance(self._queue[0], _WeightSwap):
+                return self._queue.popleft()
+            deadline = time.monotonic() + self.batch_wait_s
+            # Concurrent HTTP requests arrive a few ms apart: wait a moment to batch them.
+            while len(self._queue) < self.max_batch_size and not self._closed:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or any(isinstance(i, _WeightSwap) for i in self._queue):
+                    break
+                self._cond.wait(remaining)
+            batch = []
+            while self._queue and len(batch) < self.max_batch_size:
+                if isinstance(self._queue[0], _WeightSwap):
+                    break
+                batch.append(self._queue.popleft())
+            return batch
+
+    def _loop(self) -> None:
+        while True:
+            work = self._next_work()
+            if work is None:
+                return
+            if isinstance(work, _WeightSwap):
+                self._apply_swap(work)
+                continue
+            rows = [r for r in work if r.future.set_running_or_notify_cancel()]
+            if not rows:
+                continue
+            try:
+                self._run_batch(rows)
+            except Exception as exc:  # a failed batch fails its requests, not the server
+                logger.exception("generation batch of %d requests failed", len(rows))
+                for row in rows:
+                    if not row.future.done():
+                        row.future.set_exception(exc)
+
+    def _apply_swap(self, swap: _WeightSwap) -> None:
+        try:
+            self.model.load_state_dict(swap.state_dict, strict=True)
+            self.weight_version = swap.weight_version
+            self.model_path = swap.model_path
+            logger.info(
+                "weights updated from %s (version %s)", swap.model_path, swap.weight_version
+            )
+            swap.future.set_result(None)
+        except Exception as exc:
+            swap.future.set_exception(exc)
+
+    # ---- generation -------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def _run_batch(self, rows: list[_Row]) -> None:
+        lengths = [len(r.request.input_ids) for r in rows]
+        batch, width = len(rows), max(lengths)
+        ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((batch, width), dtype=torch.long)
+        for b, row in enumerate(rows):
+            ids[b, width - lengths[b] :] = torch.tensor(row.request.input_ids)
+            mask[b, width - lengths[b] :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        capture = any(r.request.return_routed_experts for r in rows)
+        full_logits = any(
+            r.request.return_logprob and r.request.logprob_start_len >= 0 for r in rows
+        )
+
+        cache = DynamicCache(config=self.config)
+        self._capture.record(capture)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=0 if full_logits else 1,
+        )
+        routes = self._capture.take(batch * width)
+        input_logprobs = [None] * batch
+        for b, row in enumerate(rows):
+            start = width - lengths[b]
+            if routes is not None:
+                row.routes.append(routes.view(batch, width, *routes.shape[1:])[b, start:])
+            if full_logits and row.request.return_logprob and row.request.logprob_start_len >= 0:
+                input_logprobs[b] = self._input_logprobs(row, out.logits[b, start:], ids[b, start:])
+
+        active = list(range(batch))
+        next_position = torch.tensor(lengths)
+        logits = out.logits[:, -1]
+        while True:
+            tokens = self._sample(rows, active, logits)
+            still = []
+            for j, b in enumerate(active):
+                if not self._advance(rows[b], int(tokens[0][j]), float(tokens[1][j])):
+                    still.append(j)
+            if not still:
+                break
+            keep = torch.tensor(still)
+            if len(still) < len(active):
+                cache.batch_select_indices(keep)
+                mask = mask[keep]
+            active = [active[j] for j in still]
+            feed = tokens[0][keep][:, None]
+            mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype)], dim=1)
+            self._capture.record(capture)
+            out = self.model(
+                input_ids=feed,
+                attention_mask=mask,
+                position_ids=next_position[active][:, None],
+                past_key_values=cache,
+                use_cache=True,
+            )
+            next_position[active] += 1
+            step_routes = self._capture.take(len(active))
+            if step_routes is not None:
+                for j, b in enumerate(active):
+                    rows[b].routes.append(step_routes[j : j + 1])
+            logits = out.logits[:, -1]
+
+        for b, row in enumerate(rows):
+            row.future.set_result(self._result(row, lengths[b], input_logprobs[b]))
+
+    def _sample(self, rows: list[_Row], active: list[int], logits: torch.Tensor):
+        picked = [rows[b] for b in active]
+        return sample_next(
+            logits,
+            temperatures=torch.tensor([r.temperature for r in picked]),
+            top_ks=torch.tensor([r.top_k for r in picked], dtype=torch.long),
+            top_ps=torch.tensor([r.request.top_p for r in picked]),
+            uniforms=torch.cat([torch.rand(1, generator=r.generator) for r in picked]),
+            original_logprobs=self.original_logprobs,
+        )
+
+    def _advance(self, row: _Row, token: int, logprob: float) -> bool:
+        """Record a sampled token; True when the row is finished."""
+        request = row.request
+        if request.max_new_tokens == 0:
+            row.finish_reason = {"type": "length", "length": 0}
+            return True
+        row.output_ids.append(token)
+        row.logprobs.append(logprob)
+        if token in request.stop_token_ids or (
+            not request.ignore_eos and token in self.eos_token_ids
+        ):
+            row.finish_reason = {"type": "stop", "matched": token}
+        elif len(row.output_ids) >= request.max_new_tokens:
+            row.finish_reason = {"type": "length", "length": request.max_new_tokens}
+        return row.finish_reason is not None
+
+    def _input_logprobs(self, row: _Row, logits: torch.Tensor, ids: torch.Tensor) -> list:
+        temperature = 1.0 if self.original_logprobs else row.temperature
+        values = token_logprobs(logits[:-1], ids[1:], temperature).tolist()
+        start = row.request.logprob_start_len
+        return ([None] + values)[start:]
+
+    def _result(self, row: _Row, prompt_len: int, input_logprobs) -> GenerationResult:
+        routed = None
+        if row.request.return_routed_experts:
+            fed = prompt_len + len(row.output_ids) - 1
+            moe = torch.cat(row.routes, dim=0)[:fed].to(torch.int32)
+            routed = torch.zeros(
+                (fed, self.shape.num_hidden_layers, self.shape.num_experts_per_tok),
+                dtype=torch.int32,
+            )
+            routed[:, list(self.shape.moe_layers)] = moe
+        return GenerationResult(
+            rid=row.request.rid,
+            output_ids=row.output_ids,
+            output_logprobs=row.logprobs,
+            input_logprobs=input_logprobs,
+            routed_experts=routed,
+            finish_reason=row.finish_reason or {"type": "abort", "message": "unfinished"},
+            weight_version=self.weight_version,
+            prompt_tokens=prompt_len,
+            latency_s=time.perf_counter() - row.submitted,
+        )

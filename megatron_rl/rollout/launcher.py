@@ -1,0 +1,164 @@
+"""Start and stop embedded rollout servers as subprocesses.
+
+The training loop (when ``--rl-rollout-url`` is empty) and the tests start servers with
+:func:`start_server_process` or :func:`start_embedded_servers`; each returns once the
+server answers ``/health``. A handle stops only its own process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from megatron_rl.rollout.config import RolloutConfig
+
+logger = logging.getLogger(__name__)
+
+# The package root, so ``python -m megatron_rl.rollout.server`` works from any directory.
+_PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+class ServerHandle:
+    """A running server subprocess: ``url``, ``stop()``, ``kill()``; a context manager."""
+
+    def __init__(self, process: subprocess.Popen, url: str, log_path: Path, args: list[str]):
+        self.process, self.url, self.log_path, self.args = process, url, log_path, args
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """SIGTERM (uvicorn shuts down gracefully), SIGKILL if it lingers."""
+        if self.alive():
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                logger.warning("server %s ignored SIGTERM; killing it", self.url)
+                self.process.kill()
+                self.process.wait()
+
+    def kill(self) -> None:
+        """SIGKILL: the server dies at once, as in a crash."""
+        if self.alive():
+            self.process.kill()
+            self.process.wait()
+
+    def __enter__(self) -> ServerHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"ServerHandle({self.url}, pid={self.pid}, alive={self.alive()})"
+
+
+def wait_healthy(url: str, *, api_key: str | None, timeout_s: float, process=None) -> None:
+    """Poll ``url/health`` until it answers 200; fail early if ``process`` exits."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"rollout server {url} exited with code {process.returncode}")
+        try:
+            if httpx.get(f"{url}/health", headers=headers, timeout=2.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"rollout server {url} did not answer /health within {timeout_s:.0f} s")
+
+
+def start_server_process(
+    model_dir: str | os.PathLike,
+    *,
+    port: int = 0,
+    host: str = "127.0.0.1",
+    api_key: str | None = None,
+    dtype: str = "bf16",
+    max_batch_size: int = 32,
+    extra_args: list[str] | tuple[str, ...] = (),
+    startup_timeout_s: float = 180.0,
+    log_path: str | os.PathLike | None = None,
+) -> ServerHandle:
+    """Start ``python -m megatron_rl.rollout.server`` and wait until it is healthy.
+
+    ``port=0`` picks a free port. The server's output goes to ``log_path`` (a temporary
+    file by default; its tail is in the error if the start fails)."""
+    port = port or free_port(host)
+    url = f"http://{host}:{port}"
+    args = [
+        sys.executable, "-m", "megatron_rl.rollout.server", "--model", str(model_dir),
+        "--host", host, "--port", str(port), "--dtype", dtype,
+        "--max-batch-size", str(max_batch_size), "--log-level", "warning", *extra_args,
+    ]  # fmt: skip
+    if api_key:
+        args += ["--api-key", api_key]
+    if log_path is None:
+        fd, log_path = tempfile.mkstemp(prefix=f"rollout-server-{port}-", suffix=".log")
+        os.close(fd)
+    log_path = Path(log_path)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+    handle = ServerHandle(process, url, log_path, args)
+    try:
+        wait_healthy(url, api_key=api_key, timeout_s=startup_timeout_s, process=process)
+    except (RuntimeError, TimeoutError) as exc:
+        handle.kill()
+        raise RuntimeError(f"{exc}; server log {log_path}:\n{handle.log_tail()}") from None
+    logger.info("rollout server %s ready (pid %d, log %s)", url, process.pid, log_path)
+    return handle
+
+
+def start_embedded_servers(
+    model_dir: str | os.PathLike, config: RolloutConfig
+) -> list[ServerHandle]:
+    """Start ``config.num_servers`` embedded servers for the training loop."""
+    handles: list[ServerHandle] = []
+    try:
+        for _ in range(config.num_servers):
+            handles.append(
+                start_server_process(
+                    model_dir,
+                    port=config.port,
+                    host=config.host,
+                    api_key=config.api_key,
+                    dtype=config.dtype,
+                    max_batch_size=config.max_batch_size,
+                    startup_timeout_s=config.startup_timeout_s,
+                )
+            )
+    except Exception:
+        for handle in handles:
+            handle.stop()
+        raise
+    return handles
