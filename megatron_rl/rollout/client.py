@@ -212,7 +212,7 @@ class RolloutClient:
                     asyncio.create_task(one(q, rid)) for q, rid in zip(requests, rids, strict=True)
                 ]
                 try:
-                    results = await _gather_or_cancel(tasks)
+                    results = await _gather_or_cancel(tasks, pool)
                 finally:
                     pool.close()
         by_rid = {s.request_id: s for s in results}
@@ -434,19 +434,25 @@ class RolloutClient:
             )
 
 
-async def _gather_or_cancel(tasks: list[asyncio.Task]) -> list:
-    """Results of all tasks; on the first failure cancel the rest and raise it."""
+async def _gather_or_cancel(tasks: list[asyncio.Task], pool: ServerPool) -> list:
+    """Results of all tasks; on the first failure (or the pool's ``failed`` event) cancel
+    the rest and raise."""
+    abort = asyncio.create_task(pool.failed.wait())
+    pending = set(tasks)
     try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        while pending:
+            done, pending = await asyncio.wait(pending | {abort}, return_when=asyncio.FIRST_COMPLETED)
+            if abort in done:
+                raise pool.error
+            pending.discard(abort)
+            for task in done:
+                if task.exception() is not None:
+                    raise task.exception()
     finally:
-        pending = [t for t in tasks if not t.done()]
+        abort.cancel()
         for task in pending:
             task.cancel()
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
-    for task in tasks:
-        if task.done() and not task.cancelled() and task.exception() is not None:
-            raise task.exception()
+        await asyncio.gather(abort, *pending, return_exceptions=True)
     return [t.result() for t in tasks]
 
 

@@ -64,6 +64,9 @@ class RolloutConfig:
     """Embedded server: how many server processes to start (each loads the model)."""
     max_batch_size: int = field(default=32, metadata={"flag": "--rl-rollout-max-batch-size"})
     """Embedded server: most sequences generated together in one batch."""
+    threads: int = field(default=1, metadata={"flag": "--rl-rollout-threads"})
+    """Embedded server: torch CPU threads per server process (1 avoids fighting the trainer
+    for the cores; raise it for larger models on many cores)."""
     startup_timeout_s: float = field(
         default=180.0, metadata={"flag": "--rl-rollout-startup-timeout"}
     )
@@ -104,6 +107,7 @@ class RolloutConfig:
             (all(t >= 0 for t in self.stop_token_ids), f"--rl-stop-token-ids must be >= 0, got {list(self.stop_token_ids)}"),
             (0 <= self.port <= 65535, f"--rl-rollout-port must be in [0, 65535], got {self.port}"),
             (self.num_servers >= 1, f"--rl-rollout-num-servers must be >= 1, got {self.num_servers}"),
+            (self.threads >= 1, f"--rl-rollout-threads must be >= 1, got {self.threads}"),
             (self.max_batch_size >= 1, f"--rl-rollout-max-batch-size must be >= 1, got {self.max_batch_size}"),
             (self.startup_timeout_s > 0, f"--rl-rollout-startup-timeout must be > 0, got {self.startup_timeout_s}"),
         ]  # fmt: skip

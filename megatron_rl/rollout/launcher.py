@@ -104,6 +104,7 @@ def start_server_process(
     api_key: str | None = None,
     dtype: str = "bf16",
     max_batch_size: int = 32,
+    threads: int = 1,
     extra_args: list[str] | tuple[str, ...] = (),
     startup_timeout_s: float = 180.0,
     log_path: str | os.PathLike | None = None,
@@ -117,7 +118,8 @@ def start_server_process(
     args = [
         sys.executable, "-m", "megatron_rl.rollout.server", "--model", str(model_dir),
         "--host", host, "--port", str(port), "--dtype", dtype,
-        "--max-batch-size", str(max_batch_size), "--log-level", "warning", *extra_args,
+        "--max-batch-size", str(max_batch_size), "--threads", str(threads),
+        "--log-level", "warning", *extra_args,
     ]  # fmt: skip
     if api_key:
         args += ["--api-key", api_key]
@@ -154,6 +156,7 @@ def start_embedded_servers(
                     api_key=config.api_key,
                     dtype=config.dtype,
                     max_batch_size=config.max_batch_size,
+                    threads=config.threads,
                     startup_timeout_s=config.startup_timeout_s,
                 )
             )

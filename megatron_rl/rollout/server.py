@@ -1,7 +1,7 @@
 """Embedded SGLang-compatible rollout server (FastAPI + uvicorn, CPU).
 
     python -m megatron_rl.rollout.server --model DIR --port P [--host 127.0.0.1]
-        [--api-key K] [--dtype bf16|fp32] [--max-batch-size 32]
+        [--api-key K] [--dtype bf16|fp32] [--max-batch-size 32] [--threads 1]
 
 Serves a Hugging Face Qwen3-MoE checkpoint directory with the subset of SGLang's HTTP API
 the trainer uses, same request and response schema:
@@ -340,9 +340,16 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="report logprobs at temperature 1 (SGLANG_RETURN_ORIGINAL_LOGPROB=1)",
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (1 suits small models beside a trainer on few cores)",
+    )
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
 
+    import torch
     import uvicorn
     from transformers.utils import logging as hf_logging
 
@@ -350,6 +357,7 @@ def main(argv: list[str] | None = None) -> None:
         level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
     hf_logging.disable_progress_bar()
+    torch.set_num_threads(args.threads)
     engine = GenerationEngine(
         args.model,
         dtype=args.dtype,

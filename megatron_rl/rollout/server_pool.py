@@ -4,7 +4,9 @@ A connection error makes a server *suspect*: it gets no new requests while a pro
 ``/health`` up to ``probes`` times with exponential backoff. If it answers it is live
 again; if not it is *down* for the rest of the batch, logged by URL. Requests wait while
 no server is live and some are suspect; they fail once every server is down, or as soon
-as one is down under the ``'fail'`` policy.
+as one is declared down under the ``'fail'`` policy (``failed`` is set then, so the batch
+can stop its requests in flight). A server still suspect when every request is done counts
+as down for later batches, without failing the finished one.
 """
 
 from __future__ import annotations
@@ -52,6 +54,10 @@ class ServerPool:
         self.fail_on_down, self.on_down = fail_on_down, on_down
         self.changed = asyncio.Condition()
         self.tasks: list[asyncio.Task] = []
+        self.turn = 0
+        self.failed = asyncio.Event()
+        """Set when a server is declared down under the 'fail' policy (see ``error``)."""
+        self.error: RolloutServerError | None = None
 
     async def pick(self, avoid: ServerState | None = None) -> ServerState:
         """The live server with the fewest requests in flight (not ``avoid`` if possible)."""
@@ -65,7 +71,13 @@ class ServerPool:
                 live = [s for s in self.servers if not s.down and not s.suspect]
                 if live:
                     preferred = [s for s in live if s is not avoid] or live
-                    return min(preferred, key=lambda s: s.in_flight)
+                    # Least loaded first; ties rotate so equal servers share the work.
+                    self.turn += 1
+                    n = len(self.servers)
+                    return min(
+                        preferred,
+                        key=lambda s: (s.in_flight, (self.servers.index(s) - self.turn) % n),
+                    )
                 await self.changed.wait()
 
     async def connection_failed(self, server: ServerState, error: Exception) -> None:
@@ -74,10 +86,11 @@ class ServerPool:
             if server.suspect or server.down:
                 return
             server.suspect = True
+            server.reason = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
             logger.warning("rollout server %s unreachable (%s); probing /health", server.url, error)
-            self.tasks.append(asyncio.create_task(self._probe(server, error)))
+            self.tasks.append(asyncio.create_task(self._probe(server)))
 
-    async def _probe(self, server: ServerState, error: Exception) -> None:
+    async def _probe(self, server: ServerState) -> None:
         for attempt in range(self.probes):
             await asyncio.sleep(self.backoff(attempt))
             try:
@@ -91,9 +104,6 @@ class ServerPool:
                 pass
         async with self.changed:
             server.suspect, server.down = False, True
-            server.reason = (
-                f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
-            )
             logger.error(
                 "rollout server %s is down after %d health probes (%s)",
                 server.url,
@@ -101,8 +111,18 @@ class ServerPool:
                 server.reason,
             )
             self.on_down(server)
+            if self.fail_on_down:
+                self.error = RolloutServerError(f"rollout server down: {describe([server])}")
+                self.failed.set()
             self.changed.notify_all()
 
     def close(self) -> None:
+        """Stop probing. A server still suspect counts as down (it may rejoin later)."""
         for task in self.tasks:
             task.cancel()
+        for server in self.servers:
+            if server.suspect:
+                server.suspect, server.down = False, True
+                server.reason += " (still unreachable when the batch ended)"
+                logger.error("rollout server %s is down: %s", server.url, server.reason)
+                self.on_down(server)

@@ -1,0 +1,99 @@
+"""SGLang-format responses built from the documented wire format (reference.md section 3),
+and an httpx MockTransport that answers like an SGLang server."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+
+import httpx
+import torch
+
+from megatron_rl.rollout.protocol import encode_routed_experts
+from megatron_rl.weight_sync.hf_config import ModelShape
+
+
+def _rng(rid: str) -> torch.Generator:
+    return torch.Generator().manual_seed(int(hashlib.sha256(rid.encode()).hexdigest()[:12], 16))
+
+
+def all_layer_routes(num_tokens: int, shape: ModelShape, gen: torch.Generator) -> torch.Tensor:
+    """Random routes in SGLang's layout: [tokens, ALL layers, topk] int32, dense layers 0."""
+    routes = torch.zeros(
+        (num_tokens, shape.num_hidden_layers, shape.num_experts_per_tok), dtype=torch.int32
+    )
+    for layer in shape.moe_layers:
+        for t in range(num_tokens):
+            routes[t, layer] = torch.randperm(shape.num_experts, generator=gen)[
+                : shape.num_experts_per_tok
+            ]
+    return routes
+
+
+def sglang_response(
+    request: dict,
+    shape: ModelShape,
+    *,
+    routes_format: str = "base64",
+    weight_version: str = "default",
+) -> tuple[dict, torch.Tensor]:
+    """A valid response to ``request`` and the all-layer routes it carries."""
+    rid = request["rid"]
+    gen = _rng(rid)
+    new = request["sampling_params"]["max_new_tokens"]
+    output_ids = torch.randint(0, shape.vocab_size, (new,), generator=gen).tolist()
+    logprobs = (-torch.rand(new, generator=gen) * 5).tolist()
+    routes = all_layer_routes(len(request["input_ids"]) + new - 1, shape, gen)
+    meta = {
+        "id": rid,
+        "finish_reason": {"type": "length", "length": new},
+        "prompt_tokens": len(request["input_ids"]),
+        "completion_tokens": new,
+        "cached_tokens": 0,
+        "weight_version": weight_version,
+        "output_token_logprobs": [
+            [lp, t, None] for lp, t in zip(logprobs, output_ids, strict=True)
+        ],
+    }
+    if request.get("return_routed_experts"):
+        meta["routed_experts"] = (
+            encode_routed_experts(routes) if routes_format == "base64" else routes.tolist()
+        )
+    return {"text": "", "output_ids": output_ids, "meta_info": meta}, routes
+
+
+Handler = Callable[[httpx.Request], httpx.Response]
+
+
+def fake_sglang(
+    shape: ModelShape, *, model_path: str = "/nonexistent", generate: Handler | None = None, **info
+) -> Handler:
+    """A handler answering SGLang's endpoints; ``generate`` overrides ``/generate``."""
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if path == "/health":
+            return httpx.Response(200)
+        if path == "/get_model_info":
+            return httpx.Response(
+                200,
+                json={
+                    "model_path": model_path,
+                    "tokenizer_path": model_path,
+                    "is_generation": True,
+                    "weight_version": "default",
+                },
+            )
+        if path == "/get_server_info":
+            return httpx.Response(200, json={"enable_return_routed_experts": True, **info})
+        if path == "/generate":
+            if generate is not None:
+                return generate(request)
+            body = json.loads(request.content)
+            return httpx.Response(200, json=sglang_response(body, shape)[0])
+        if path in ("/flush_cache", "/update_weights_from_disk"):
+            return httpx.Response(200, json={"success": True, "message": "ok"})
+        return httpx.Response(404, json={"error": {"message": "not found"}})
+
+    return handle

@@ -1,0 +1,273 @@
+"""RolloutClient against SGLang stand-ins (httpx MockTransport): retries, spreading,
+server failure policies, start-up checks, control calls, API key."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections import Counter
+
+import httpx
+import pytest
+from fake_sglang import fake_sglang, sglang_response
+
+from megatron_rl.model.config import preset
+from megatron_rl.rollout.client import RolloutClient, RolloutRequest, sample_seed
+from megatron_rl.rollout.protocol import RolloutProtocolError, RolloutServerError, SamplingParams
+from megatron_rl.weight_sync.hf_config import ModelShape, save_random_checkpoint
+
+TINY = preset("tiny")
+SHAPE = ModelShape.from_model_config(TINY)
+A, B = "http://10.0.0.1:30000", "http://10.0.0.2:30000"
+
+
+def routed(handlers: dict[str, object]) -> httpx.MockTransport:
+    """One transport for several fake servers, dispatching on host:port."""
+    return httpx.MockTransport(lambda r: handlers[f"http://{r.url.host}:{r.url.port}"](r))
+
+
+def client(urls, transport, **kwargs) -> RolloutClient:
+    kwargs.setdefault("retries", 2)
+    kwargs.setdefault("retry_backoff_s", 0.01)
+    return RolloutClient(
+        urls,
+        model_config=TINY,
+        sampling=SamplingParams(max_new_tokens=3),
+        return_routed_experts=True,
+        transport=transport,
+        **kwargs,
+    )
+
+
+def requests(n: int, group: int = 4) -> list[RolloutRequest]:
+    return [
+        RolloutRequest(prompt_index=i // group, sample_index=i % group, prompt_ids=[5, 6, i % 100])
+        for i in range(n)
+    ]
+
+
+def test_samples_carry_everything_and_keep_request_order():
+    seen = []
+
+    def generate(request):
+        body = json.loads(request.content)
+        seen.append(body)
+        return httpx.Response(200, json=sglang_response(body, SHAPE, weight_version="w3")[0])
+
+    batch = requests(10)
+    samples = client([A], routed({A: fake_sglang(SHAPE, generate=generate)})).generate_batch(
+        batch, "step5"
+    )
+    assert [(s.prompt_index, s.sample_index) for s in samples] == [
+        (r.prompt_index, r.sample_index) for r in batch
+    ]
+    sample = samples[7]
+    assert sample.request_id == "step5/p1/s3" and sample.server_url == A
+    assert sample.weight_version == "w3" and sample.finish_reason == "length"
+    assert (sample.prompt_tokens, sample.completion_tokens) == (3, 3) and sample.latency_s > 0
+    assert sample.routes.shape == (3 + 3 - 1, 3, 4) and sample.rollout_logprobs.shape == (3,)
+    by_rid = {b["rid"]: b for b in seen}
+    assert by_rid["step5/p1/s3"]["sampling_params"]["sampling_seed"] == sample_seed(
+        1234, "step5/p1/s3"
+    )
+    assert len({b["sampling_params"]["sampling_seed"] for b in seen}) == 10
+
+
+def test_requests_spread_over_servers_each_sample_once():
+    counts = Counter()
+
+    def counting(url):
+        def generate(request):
+            counts[url] += 1
+            return httpx.Response(200, json=sglang_response(json.loads(request.content), SHAPE)[0])
+
+        return fake_sglang(SHAPE, generate=generate)
+
+    samples = client(
+        [A, B], routed({A: counting(A), B: counting(B)}), concurrency=8
+    ).generate_batch(requests(40), "s")
+    assert counts[A] > 5 and counts[B] > 5 and counts[A] + counts[B] == 40
+    assert len({s.request_id for s in samples}) == 40
+
+
+def test_5xx_and_abort_are_retried():
+    answers = Counter()
+
+    def flaky(request):
+        body = json.loads(request.content)
+        answers[body["rid"]] += 1
+        if answers[body["rid"]] == 1:
+            return httpx.Response(503, json={"error": {"message": "overloaded"}})
+        if answers[body["rid"]] == 2:
+            payload = sglang_response(body, SHAPE)[0]
+            payload["meta_info"]["finish_reason"] = {"type": "abort", "message": "retracted"}
+            return httpx.Response(200, json=payload)
+        return httpx.Response(200, json=sglang_response(body, SHAPE)[0])
+
+    c = client([A], routed({A: fake_sglang(SHAPE, generate=flaky)}), retries=3)
+    assert len(c.generate_batch(requests(4), "s")) == 4
+    assert c.last_batch_stats["retries"] == 8
+
+
+def test_retries_are_bounded():
+    failing = fake_sglang(SHAPE, generate=lambda r: httpx.Response(500, text="boom"))
+    with pytest.raises(RolloutServerError, match="gave up after 3 attempts.*HTTP 500"):
+        client([A], routed({A: failing}), retries=2).generate_batch(requests(2), "s")
+
+
+def test_4xx_fails_at_once_naming_request_and_server():
+    calls = Counter()
+
+    def refuse(request):
+        calls["n"] += 1
+        return httpx.Response(
+            400, json={"error": {"message": "token ids [999] are outside the vocabulary"}}
+        )
+
+    with pytest.raises(
+        RolloutProtocolError, match=r"request 'b/p0/s0', server http://10.0.0.1:30000: HTTP 400"
+    ):
+        client([A], routed({A: fake_sglang(SHAPE, generate=refuse)})).generate_batch(
+            requests(1), "b"
+        )
+    assert calls["n"] == 1
+
+
+def test_malformed_response_fails_the_batch_with_names():
+    def no_routes(request):
+        payload = sglang_response(json.loads(request.content), SHAPE)[0]
+        del payload["meta_info"]["routed_experts"]  # e.g. a gateway dropped return_routed_experts
+        return httpx.Response(200, json=payload)
+
+    with pytest.raises(RolloutProtocolError, match=r"'b/p0/s0'.*10\.0\.0\.1.*routed_experts"):
+        client([A], routed({A: fake_sglang(SHAPE, generate=no_routes)})).generate_batch(
+            requests(1), "b"
+        )
+
+
+def unreachable(request):
+    raise httpx.ConnectError("connection refused", request=request)
+
+
+def test_server_that_stays_down_is_reported_and_batch_continues(caplog):
+    c = client([A, B], routed({A: fake_sglang(SHAPE), B: unreachable}), retries=2)
+    with caplog.at_level(logging.ERROR):
+        samples = c.generate_batch(requests(12), "s")
+    assert len({s.request_id for s in samples}) == 12 and {s.server_url for s in samples} == {A}
+    assert list(c.down_servers) == [B] and "ConnectError" in c.down_servers[B]
+    assert c.last_batch_stats["servers_down"] == [B]
+    assert any(B in r.getMessage() and "down" in r.getMessage() for r in caplog.records)
+
+
+def slow_sglang(delay_s: float):
+    fast = fake_sglang(SHAPE)
+
+    async def handle(request):
+        await asyncio.sleep(delay_s)
+        return fast(request)
+
+    return handle
+
+
+def test_fail_policy_fails_the_batch_naming_the_server():
+    # A answers slowly, so B is declared down (after its probes) while the batch runs.
+    c = client(
+        [A, B],
+        routed({A: slow_sglang(0.05), B: unreachable}),
+        on_server_failure="fail",
+        concurrency=2,
+    )
+    with pytest.raises(RolloutServerError, match="rollout server down: http://10.0.0.2:30000"):
+        c.generate_batch(requests(12), "s")
+
+
+def test_no_server_left_fails_cleanly():
+    with pytest.raises(
+        RolloutServerError,
+        match=r"all rollout servers are down: http://10.0.0.1:30000 \(ConnectError",
+    ):
+        client([A], routed({A: unreachable})).generate_batch(requests(3), "s")
+
+
+def test_api_key_sent_as_bearer_token():
+    headers = []
+
+    def generate(request):
+        headers.append(request.headers.get("authorization"))
+        return httpx.Response(200, json=sglang_response(json.loads(request.content), SHAPE)[0])
+
+    client(
+        [A], routed({A: fake_sglang(SHAPE, generate=generate)}), api_key="s3cret"
+    ).generate_batch(requests(2), "s")
+    assert headers == ["Bearer s3cret"] * 2
+
+
+def test_start_up_check_reads_sglang_model_path(tmp_path):
+    # Real SGLang reports only paths: the client reads config.json of the served directory.
+    good = save_random_checkpoint(TINY, tmp_path / "good")
+    bad = save_random_checkpoint(TINY.replace(moe_layer_freq="[0,0,1,1]"), tmp_path / "bad")
+    info = client([A], routed({A: fake_sglang(SHAPE, model_path=str(good))})).check_servers(
+        TINY, True
+    )
+    assert info[A]["model_path"] == str(good)
+    with pytest.raises(
+        RolloutServerError, match=r"10\.0\.0\.1.*moe_layers: \(1, 2, 3\) vs \(2, 3\)"
+    ):
+        client([A], routed({A: fake_sglang(SHAPE, model_path=str(bad))})).check_servers(TINY, False)
+    with pytest.raises(RolloutServerError, match="cannot verify the served model"):
+        client([A], routed({A: fake_sglang(SHAPE, model_path="Qwen/Qwen3-30B-A3B")})).check_servers(
+            TINY, False
+        )
+
+
+def test_r3_refuses_a_server_without_routed_experts(tmp_path):
+    path = str(save_random_checkpoint(TINY, tmp_path / "ckpt"))
+
+    def no_routes(request):
+        body = json.loads(request.content)
+        body.pop("return_routed_experts")  # an SGLang that ignores the field
+        return httpx.Response(200, json=sglang_response(body, SHAPE)[0])
+
+    silent = fake_sglang(SHAPE, model_path=path, generate=no_routes)
+    with pytest.raises(
+        RolloutServerError, match=r"10\.0\.0\.1:30000: returns no usable routed experts"
+    ):
+        client([A], routed({A: silent})).check_servers(TINY, require_routed_experts=True)
+    client([A], routed({A: silent})).check_servers(
+        TINY, require_routed_experts=False
+    )  # fine without r3
+    flagless = fake_sglang(SHAPE, model_path=path, enable_return_routed_experts=False)
+    with pytest.raises(RolloutServerError, match="--enable-return-routed-experts"):
+        client([A], routed({A: flagless})).check_servers(TINY, require_routed_experts=True)
+
+
+def test_weight_update_reports_which_servers_failed():
+    bodies = []
+
+    def update_ok(request):
+        if request.url.path == "/update_weights_from_disk":
+            bodies.append(json.loads(request.content))
+        return fake_sglang(SHAPE)(request)
+
+    def update_refused(request):
+        if request.url.path == "/update_weights_from_disk":
+            return httpx.Response(
+                400, json={"success": False, "message": "model_path does not exist"}
+            )
+        return fake_sglang(SHAPE)(request)
+
+    c = client([A, B], routed({A: update_ok, B: update_refused}))
+    with pytest.raises(
+        RolloutServerError,
+        match=r"failed on: http://10.0.0.2:30000 \(HTTP 400.*does not exist.*succeeded on: \['http://10.0.0.1:30000'\]",
+    ):
+        c.update_weights_from_disk("/ckpt/step4", "4")
+    assert bodies == [{"model_path": "/ckpt/step4", "weight_version": "4", "flush_cache": True}]
+    assert c.weight_version is None
+    c = client([A, B], routed({A: update_ok, B: update_ok}))
+    c.update_weights_from_disk("/ckpt/step4", "4")
+    assert c.weight_version == "4"
+    c.flush_cache()
+    assert c.health() == {A: True, B: True}
+    assert client([A], routed({A: unreachable})).health() == {A: False}
