@@ -198,14 +198,20 @@ def split_microbatches(
     pad_id: int = 0,
     route_shape: tuple[int, int, int] | None = None,
     key_offset: int = 0,
+    length_of: list[Sample] | None = None,
+    min_length: int = 0,
 ) -> tuple[list[MicroBatch], int]:
     """Cut ``samples`` into micro-batches of ``micro_batch_size`` rows, all of one shape
     (pipeline schedules exchange one tensor shape per step). Without packing a row holds one
     sample; with packing, samples are placed end to end in rows of ``max_length`` tokens.
-    Returns the micro-batches and the row length."""
+    Returns the micro-batches and the row length.
+
+    ``length_of`` (default ``samples``) are the samples whose longest input sets the row
+    length: pass the whole data-parallel batch so that every rank pads to the same length
+    (expert-parallel dispatch and pipeline exchanges need equal shapes on all ranks)."""
     if not samples:
         raise ValueError("no samples to batch")
-    longest = max(s.num_inputs for s in samples)
+    longest = max(max(s.num_inputs for s in (length_of or samples)), min_length)
     if max_length is not None and longest > max_length:
         raise ValueError(f"a sample has {longest} input tokens, above --seq-length {max_length}")
     if pack:

@@ -22,7 +22,7 @@ class TaskConfig:
 
     rl_task: str = "chain_sum"
     """A reasoning-gym dataset name, or a .jsonl file with "prompt" and "answer" fields."""
-    rl_task_config: str = '{"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}'
+    rl_task_config: str = '{"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 1}'
     """JSON settings passed to reasoning_gym.create_dataset (ignored for JSONL)."""
     rl_task_size: int = 100_000
     """Items in the procedural training set (the stream cycles through it)."""

@@ -129,6 +129,11 @@ def transformer_config(
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         deallocate_pipeline_outputs=False,
+        # gloo matches point-to-point messages between two ranks in posting order; the
+        # batched exchange posts send-to-prev before send-to-next on every rank, which with
+        # PP=2 (prev == next) crosses activations and gradients. The unbatched exchange
+        # orders its operations by rank parity and pairs them correctly.
+        batch_p2p_comm=torch.cuda.is_available(),
     )
 
 

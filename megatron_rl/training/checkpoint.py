@@ -34,7 +34,9 @@ from megatron_rl.training.engine import MegatronEngine
 logger = logging.getLogger(__name__)
 
 TRACKER = "latest_checkpointed_iteration.txt"
-_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+# Layout-independent formats: optimiser state keyed by parameter, never by the position
+# of an optimiser in a chain (EP>1 chains dense and expert optimisers, EP=1 may not).
+_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
 
 
 def _barrier() -> None:
@@ -99,7 +101,8 @@ def save_checkpoint(
         os.makedirs(tmp)
     _barrier()
     state: dict[str, Any] = {"model": _model_state(engine)}
-    if engine.optimizer is not None:
+    with_optimizer = _optimizer_has_state(engine)
+    if with_optimizer:
         state["optimizer"] = engine.optimizer.sharded_state_dict(
             state["model"], metadata=_METADATA
         )
@@ -110,6 +113,7 @@ def save_checkpoint(
         common = dict(common_state)
         common["step"] = step
         common["layout"] = _layout()
+        common["has_optimizer"] = with_optimizer
         if engine.scheduler is not None:
             common["scheduler"] = engine.scheduler.state_dict()
         _atomic_torch_save(common, os.path.join(tmp, "common_state.pt"))
@@ -122,6 +126,60 @@ def save_checkpoint(
     _barrier()
     logger.info("saved checkpoint of step %d to %s", step, final)
     return final
+
+
+def _adapt_optimizer_state(loaded: dict, engine: MegatronEngine) -> dict:
+    """Fit the optimiser's non-tensor state to this layout.
+
+    Optimiser tensors are keyed by parameter and reshard freely, but megatron keeps one
+    optimiser per parameter kind (dense / expert) only where their data-parallel groups
+    differ, so the number of chained optimisers -- and the nesting of ``param_groups`` and
+    Adam's step counter in the common state -- depends on the layout. When that nesting
+    changed, the hyperparameters are taken from the live optimiser (they come from the
+    flags anyway) and the step counter from the checkpoint."""
+    live = engine.optimizer.state_dict()
+    live_parts = live if isinstance(live, list) else [live]
+    single = not isinstance(live, list)
+    parts = [loaded] if single else [loaded[i] for i in range(len(live_parts))]
+    step = _find_common_step(loaded)
+    for part, live_part in zip(parts, live_parts):
+        groups = part.get("param_groups", [])
+        if len(groups) != len(live_part["param_groups"]) or any(
+            "lr" not in g for g in groups
+        ):
+            part["param_groups"] = [
+                {**lg, "params": g.get("params", lg["params"])} if i < len(groups) else dict(lg)
+                for i, (lg, g) in enumerate(
+                    zip(live_part["param_groups"], groups + [{}] * len(live_part["param_groups"]))
+                )
+            ]
+        state = part.setdefault("state", {})
+        if step is not None and "common_step" not in state:
+            state["common_step"] = step
+    if single:
+        return {k: v for k, v in loaded.items() if k in ("state", "param_groups") or
+                not isinstance(k, int)}
+    return {i: parts[i] for i in range(len(parts))}
+
+
+def _find_common_step(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        if "common_step" in obj:
+            return obj["common_step"]
+        for value in obj.values():
+            found = _find_common_step(value)
+            if found is not None:
+                return found
+    return None
+
+
+def _optimizer_has_state(engine: MegatronEngine) -> bool:
+    """Adam's moments exist only after the first step; before it there is nothing to save
+    (and a checkpoint of step 0 is a weights-only checkpoint)."""
+    if engine.optimizer is None:
+        return False
+    optimizers = getattr(engine.optimizer, "chained_optimizers", [engine.optimizer])
+    return any(len(getattr(opt.optimizer, "state", {})) > 0 for opt in optimizers)
 
 
 def _atomic_write(path: str, text: str) -> None:
@@ -186,7 +244,9 @@ def load_checkpoint(
     path = os.path.join(load_dir, f"iter_{step:07d}")
     common = torch.load(os.path.join(path, "common_state.pt"), weights_only=False)
     state: dict[str, Any] = {"model": _model_state(engine)}
-    with_optimizer = load_optimizer and engine.optimizer is not None
+    with_optimizer = load_optimizer and engine.optimizer is not None and common.get(
+        "has_optimizer", True
+    )
     if with_optimizer:
         state["optimizer"] = engine.optimizer.sharded_state_dict(
             state["model"], is_loading=True, metadata=_METADATA
@@ -195,7 +255,7 @@ def load_checkpoint(
     for i, chunk in enumerate(engine.chunks):
         chunk.load_state_dict(loaded["model"][f"chunk{i}"], strict=True)
     if with_optimizer:
-        engine.optimizer.load_state_dict(loaded["optimizer"])
+        engine.optimizer.load_state_dict(_adapt_optimizer_state(loaded["optimizer"], engine))
         if engine.scheduler is not None and "scheduler" in common:
             engine.scheduler.load_state_dict(common["scheduler"])
     else:

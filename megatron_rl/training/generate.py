@@ -49,7 +49,8 @@ def greedy_generate(
             break
         # A dummy last token makes the sample's input exactly the sequence so far.
         samples = [Sample(tokens=s + [eos_id], prompt_len=len(s), index=i) for i, s in enumerate(seqs)]
-        batches, length = split_microbatches(samples, micro_batch_size, pad_multiple=8)
+        batches, length = split_microbatches(samples, micro_batch_size, pad_multiple=8,
+                                             min_length=_longest_everywhere(seqs))
         outputs = engine.forward_only(forward_step, batches, seq_length=length,
                                       micro_batch_size=micro_batch_size)
         next_tokens = _from_last_stage(outputs, len(batches) * micro_batch_size)
@@ -73,6 +74,14 @@ def greedy_generate(
         for idx, tokens in part:
             results[idx] = tokens
     return results
+
+
+def _longest_everywhere(seqs: list[list[int]]) -> int:
+    """Rows must have one length on every rank (expert-parallel dispatch gathers tokens)."""
+    t = torch.tensor([max(len(s) for s in seqs)], dtype=torch.long)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
 
 
 def _all_ranks_done(flag: bool) -> bool:

@@ -92,7 +92,7 @@ def run_sft(run: RunConfig) -> dict[str, Any]:
         samples = [Sample(tokens=ids, prompt_len=p, index=i) for i, (ids, p) in enumerate(encoded)]
         mine = samples[dp_rank::dp_size]
         batches, length = split_microbatches(mine, t.micro_batch_size,
-                                             max_length=run.model.seq_length)
+                                             max_length=run.model.seq_length, length_of=samples)
         set_global_counts(batches, len(samples), sum(s.response_len for s in samples))
         result = engine.train_step(forward_step, batches, seq_length=length,
                                    micro_batch_size=t.micro_batch_size,
