@@ -1,0 +1,82 @@
+"""The CPU adaptation redirects exactly the CUDA assumptions megatron-core makes."""
+
+import pytest
+import torch
+
+from megatron_rl import cpu_adaptation
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only behaviour")
+
+
+@pytest.fixture
+def adapted():
+    was_active = cpu_adaptation.is_active()
+    cpu_adaptation.activate()
+    yield
+    if not was_active:
+        cpu_adaptation.deactivate()
+
+
+def test_only_needed_without_cuda():
+    assert cpu_adaptation.needed() == (not torch.cuda.is_available())
+
+
+def test_cuda_factories_land_on_cpu(adapted):
+    assert torch.zeros(3, device="cuda").device.type == "cpu"
+    assert torch.ones(2, device=torch.device("cuda", 0)).device.type == "cpu"
+    assert torch.empty(2, device=torch.cuda.current_device()).device.type == "cpu"
+    t = torch.arange(3)
+    assert t.cuda() is t
+    assert t.to("cuda").device.type == "cpu"
+
+
+def test_megatron_type_checks_see_cuda_names(adapted):
+    assert torch.zeros(1).type() == "torch.cuda.FloatTensor"
+    assert torch.zeros(1, dtype=torch.bfloat16).type() == "torch.cuda.BFloat16Tensor"
+    # Casting with an explicit type still works.
+    assert torch.zeros(1).type(torch.float64).dtype == torch.float64
+
+
+def test_rng_tracker_forks_cpu_generator(adapted):
+    from megatron.core.tensor_parallel import random as mrandom
+
+    tracker = mrandom.CudaRNGStatesTracker()
+    torch.manual_seed(0)
+    tracker.add("stream", 123)
+    before = torch.get_rng_state()
+    with tracker.fork("stream"):
+        a = torch.rand(3)
+    # The default stream is untouched by the fork and the forked stream advances.
+    assert torch.equal(torch.get_rng_state(), before)
+    with tracker.fork("stream"):
+        b = torch.rand(3)
+    assert not torch.equal(a, b)
+
+
+def test_streams_are_noops(adapted):
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        x = torch.ones(2)
+    stream.wait_stream(torch.cuda.current_stream())
+    torch.cuda.synchronize()
+    assert x.sum() == 2
+
+
+def test_deactivate_restores_everything():
+    cpu_adaptation.activate()
+    cpu_adaptation.deactivate()
+    assert not cpu_adaptation.is_active()
+    assert torch.zeros(1).type() == "torch.FloatTensor"
+    with pytest.raises((RuntimeError, AssertionError)):
+        torch.zeros(1, device="cuda")
+    cpu_adaptation.activate()
+    assert cpu_adaptation.is_active()
+
+
+def test_moe_router_gating_runs_without_transformer_engine(adapted):
+    from megatron.core.transformer.moe import moe_utils
+
+    x = torch.randn(4, 8)
+    w = torch.randn(3, 8)
+    out = moe_utils.router_gating_linear(x, w, None, torch.float32)
+    assert torch.allclose(out, x @ w.T, atol=1e-6)

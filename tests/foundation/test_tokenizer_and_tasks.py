@@ -1,0 +1,76 @@
+"""Tokenizer needs no download; tasks are deterministic and keep held-out items out."""
+
+import json
+
+import pytest
+
+from megatron_rl.config.flags import ConfigError
+from megatron_rl.data.tasks import Task, TaskConfig
+from megatron_rl.model.tokenizer import build_char_tokenizer, load_tokenizer
+
+
+def test_char_tokenizer_round_trips_and_saves_in_hf_format(tmp_path):
+    tok = build_char_tokenizer(128)
+    assert len(tok) == 128
+    text = "State the final answer: 7 + 8 = 15\n"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text)
+    assert tok.decode(ids) == text
+    tok.save_pretrained(tmp_path)
+    again = load_tokenizer(str(tmp_path), 128)
+    assert again(text, add_special_tokens=False)["input_ids"] == ids
+    assert again.eos_token_id == tok.eos_token_id
+
+
+def test_tokenizer_errors():
+    with pytest.raises(ValueError, match="below the"):
+        build_char_tokenizer(16)
+    with pytest.raises(FileNotFoundError, match="no downloads at run time"):
+        load_tokenizer("Qwen/Qwen3-30B-A3B-Base", 151936)
+
+
+def test_task_stream_is_deterministic_and_excludes_held_out():
+    config = TaskConfig(rl_eval_size=32)
+    a, b = Task(config, seed=5), Task(config, seed=5)
+    items_a, pos_a = a.next_items(0, 50)
+    items_b, pos_b = b.next_items(0, 50)
+    assert [i.prompt for i in items_a] == [i.prompt for i in items_b] and pos_a == pos_b
+    # Resuming from a position continues the same stream.
+    tail, _ = a.next_items(pos_a, 5)
+    both, _ = b.next_items(0, 55)
+    assert [i.prompt for i in both[50:]] == [i.prompt for i in tail]
+    held = {i.entry["question"] for i in a.eval_items()}
+    assert len(a.eval_items()) == 32
+    assert not held & {i.entry["question"] for i in a.next_items(0, 2000)[0]}
+
+
+def test_task_scores_with_reasoning_gym():
+    task = Task(TaskConfig(), seed=1)
+    item = task.next_items(0, 1)[0][0]
+    assert task.score(item.answer, item) == 1.0
+    assert task.score(" " + item.answer + " ", item) == 1.0
+    assert task.score("not a number", item) == 0.0
+
+
+def test_jsonl_task_and_user_reward(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": f"q{i}", "answer": str(i)}) for i in range(6)))
+    task = Task(TaskConfig(rl_task=str(path), rl_eval_size=2,
+                           rl_reward_function="tests.foundation.rewards_fixture:length_reward"),
+                seed=0)
+    items, _ = task.next_items(0, 4)
+    assert [i.prompt for i in items] == ["q2 ", "q3 ", "q4 ", "q5 "]
+    assert task.score("abc", items[0]) == 3.0
+
+
+def test_bad_task_inputs(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        Task(TaskConfig(rl_task=str(tmp_path / "missing.jsonl")), seed=0)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x"}\n')
+    with pytest.raises(ConfigError, match="line 1: need a JSON object with 'prompt' and 'answer'"):
+        Task(TaskConfig(rl_task=str(bad), rl_eval_size=0), seed=0)
+    with pytest.raises(ConfigError, match="unknown_task"):
+        Task(TaskConfig(rl_task="unknown_task"), seed=0)
+    with pytest.raises(ConfigError, match="module:function"):
+        Task(TaskConfig(rl_reward_function="nocolon"), seed=0)
