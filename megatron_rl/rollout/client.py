@@ -17,8 +17,10 @@ Reliability model, per rollout batch:
   backoff; 4xx answers and malformed responses fail the batch with the request and server
   named (they are configuration errors that retrying would hide).
 
-A down server rejoins at the start of a later batch if ``/health`` answers and it serves
-the weight version of the last successful weight update.
+A server that comes back (a probe succeeds, or a later batch finds a down server healthy)
+may have restarted from its initial checkpoint: if its weight version is not the one of the
+last weight update, the client reloads that checkpoint on it before sending requests. Once
+the client has updated the weights, every sample must carry that version.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import httpx
 from megatron_rl.model.config import ModelConfig
 from megatron_rl.rollout.config import RolloutConfig
 from megatron_rl.rollout.protocol import (
+    GenerateResponse,
     RolloutAbortedError,
     RolloutProtocolError,
     RolloutServerError,
@@ -121,9 +124,30 @@ class RolloutClient:
         self.transport = transport
         self.down_servers: dict[str, str] = {}
         """URL -> reason, for servers declared down (cleared when one rejoins)."""
-        self.weight_version: str | None = None
-        """Version of the last successful weight update on all servers."""
+        self._weight_version: str | None = None
+        self._weights_path: str | None = None
         self.last_batch_stats: dict[str, Any] = {}
+
+    @property
+    def weight_version(self) -> str | None:
+        """Version of the weights the servers were last given; once set, every sample must
+        carry it. Set by :meth:`update_weights_from_disk` or :meth:`note_weights`."""
+        return self._weight_version
+
+    @weight_version.setter
+    def weight_version(self, version: str | None) -> None:
+        if version is not None and str(version) == self._weight_version:
+            return  # already recorded, keep the checkpoint path that came with it
+        # Weights synced by other means (e.g. NCCL broadcast): no checkpoint to reload.
+        self.note_weights(version, None)
+
+    def note_weights(self, weight_version: str | None, model_path: str | None = None) -> None:
+        """Record weights the servers received through another client, process or channel.
+
+        ``model_path`` (a checkpoint directory the servers can read) lets the client reload
+        those weights on a server that restarts; without it such a server is kept out."""
+        self._weight_version = None if weight_version is None else str(weight_version)
+        self._weights_path = None if model_path is None else str(model_path)
 
     @classmethod
     def from_config(
@@ -156,8 +180,10 @@ class RolloutClient:
     def _http(self) -> httpx.AsyncClient:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         limits = httpx.Limits(max_connections=self.concurrency + 2 * len(self.urls))
+        # A dead host should not hold a request for the whole generation timeout.
+        timeout = httpx.Timeout(self.timeout_s, connect=min(10.0, self.timeout_s))
         return httpx.AsyncClient(
-            headers=headers, timeout=self.timeout_s, limits=limits, transport=self.transport
+            headers=headers, timeout=timeout, limits=limits, transport=self.transport
         )
 
     # ---- generation -------------------------------------------------------------------
@@ -194,6 +220,7 @@ class RolloutClient:
                 backoff=self.backoff,
                 fail_on_down=self.on_server_failure == "fail",
                 on_down=lambda s: self.down_servers.__setitem__(s.url, s.reason),
+                on_back=lambda s: self._ensure_current_weights(http, s.url),
             )
             await self._rejoin_down_servers(http, pool)
             self._retries = 0
@@ -283,18 +310,22 @@ class RolloutClient:
                     )
                 else:
                     try:
-                        payload = response.json()
-                    except ValueError as exc:
-                        raise RolloutProtocolError(
-                            f"response is not JSON: {exc}", rid=rid, server_url=server.url
-                        ) from None
-                    try:
-                        decoded = decode_generate_response(
-                            payload, request=body, shape=self.shape, server_url=server.url
-                        )
+                        # Parsing and decoding a long response takes tens of ms: keep the
+                        # event loop free for the other requests meanwhile.
+                        decoded = await asyncio.to_thread(self._decode, response, body, server.url)
                     except RolloutAbortedError as exc:
                         error = exc
                     else:
+                        if (
+                            self.weight_version is not None
+                            and decoded.weight_version != self.weight_version
+                        ):
+                            raise RolloutProtocolError(
+                                f"generated with weight version {decoded.weight_version!r}, the "
+                                f"servers were updated to {self.weight_version!r}",
+                                rid=rid,
+                                server_url=server.url,
+                            )
                         return RolloutSample(
                             prompt_index=request.prompt_index,
                             sample_index=request.sample_index,
@@ -319,17 +350,51 @@ class RolloutClient:
             avoid = server
             await asyncio.sleep(self.backoff(failures - 1))
 
+    def _decode(self, response: httpx.Response, body: dict, url: str) -> GenerateResponse:
+        try:
+            payload = response.json()
+        except ValueError as exc:
+            raise RolloutProtocolError(
+                f"response is not JSON: {exc}", rid=body["rid"], server_url=url
+            ) from None
+        return decode_generate_response(payload, request=body, shape=self.shape, server_url=url)
+
+    async def _ensure_current_weights(self, http: httpx.AsyncClient, url: str) -> bool:
+        """A server that comes back may have restarted from its initial checkpoint: give it
+        the last synced weights before it serves again. False if that fails."""
+        if self.weight_version is None:
+            return True
+        try:
+            info = (await http.get(f"{url}/get_model_info", timeout=10.0)).json()
+            if str(info.get("weight_version")) == self.weight_version:
+                return True
+            if self._weights_path is None:
+                logger.warning(
+                    "rollout server %s serves weight version %r, not %s, and no checkpoint of "
+                    "that version is known to reload: keeping it out",
+                    url, info.get("weight_version"), self.weight_version,
+                )  # fmt: skip
+                return False
+            logger.warning(
+                "rollout server %s serves weight version %r; reloading version %s from %s",
+                url, info.get("weight_version"), self.weight_version, self._weights_path,
+            )  # fmt: skip
+            body = {"model_path": self._weights_path, "weight_version": self.weight_version}
+            response = await http.post(f"{url}/update_weights_from_disk", json=body)
+            return response.status_code == 200 and response.json().get("success", True) is not False
+        except (httpx.HTTPError, ValueError, AttributeError) as exc:
+            logger.warning("rollout server %s: weight check failed (%s)", url, exc)
+            return False
+
     async def _rejoin_down_servers(self, http: httpx.AsyncClient, pool: ServerPool) -> None:
         for server in pool.servers:
             if server.url not in self.down_servers:
                 continue
             try:
-                info = (await http.get(f"{server.url}/get_model_info", timeout=5.0)).json()
-                version = info.get("weight_version")
-                fresh = self.weight_version is None or str(version) == self.weight_version
-            except (httpx.HTTPError, ValueError, AttributeError):
-                fresh = False
-            if fresh:
+                healthy = (await http.get(f"{server.url}/health", timeout=5.0)).status_code == 200
+            except httpx.HTTPError:
+                healthy = False
+            if healthy and await self._ensure_current_weights(http, server.url):
                 logger.info("rollout server %s is reachable again and rejoins", server.url)
                 del self.down_servers[server.url]
             else:
@@ -379,7 +444,7 @@ class RolloutClient:
         await self._control(
             "POST", "/update_weights_from_disk", body, f"weight update to version {weight_version}"
         )
-        self.weight_version = str(weight_version)
+        self.note_weights(weight_version, model_path)
 
     def flush_cache(self) -> None:
         run_sync(self.aflush_cache())
@@ -441,7 +506,9 @@ async def _gather_or_cancel(tasks: list[asyncio.Task], pool: ServerPool) -> list
     pending = set(tasks)
     try:
         while pending:
-            done, pending = await asyncio.wait(pending | {abort}, return_when=asyncio.FIRST_COMPLETED)
+            done, pending = await asyncio.wait(
+                pending | {abort}, return_when=asyncio.FIRST_COMPLETED
+            )
             if abort in done:
                 raise pool.error
             pending.discard(abort)
@@ -452,7 +519,9 @@ async def _gather_or_cancel(tasks: list[asyncio.Task], pool: ServerPool) -> list
         abort.cancel()
         for task in pending:
             task.cancel()
-        await asyncio.gather(abort, *pending, return_exceptions=True)
+        # Collect every outcome, so no failed task is left unretrieved (asyncio would log
+        # it when the task is garbage-collected).
+        await asyncio.gather(abort, *tasks, return_exceptions=True)
     return [t.result() for t in tasks]
 
 

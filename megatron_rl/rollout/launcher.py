@@ -105,6 +105,7 @@ def start_server_process(
     dtype: str = "bf16",
     max_batch_size: int = 32,
     threads: int = 1,
+    weight_version: str = "default",
     extra_args: list[str] | tuple[str, ...] = (),
     startup_timeout_s: float = 180.0,
     log_path: str | os.PathLike | None = None,
@@ -119,6 +120,7 @@ def start_server_process(
         sys.executable, "-m", "megatron_rl.rollout.server", "--model", str(model_dir),
         "--host", host, "--port", str(port), "--dtype", dtype,
         "--max-batch-size", str(max_batch_size), "--threads", str(threads),
+        "--weight-version", weight_version,
         "--log-level", "warning", *extra_args,
     ]  # fmt: skip
     if api_key:
@@ -142,9 +144,14 @@ def start_server_process(
 
 
 def start_embedded_servers(
-    model_dir: str | os.PathLike, config: RolloutConfig
+    model_dir: str | os.PathLike,
+    config: RolloutConfig,
+    *,
+    weight_version: str = "default",
+    extra_args: list[str] | tuple[str, ...] = (),
 ) -> list[ServerHandle]:
-    """Start ``config.num_servers`` embedded servers for the training loop."""
+    """Start ``config.num_servers`` embedded servers for the training loop, serving
+    ``model_dir`` as ``weight_version`` (``extra_args`` go to each server's command line)."""
     handles: list[ServerHandle] = []
     try:
         for _ in range(config.num_servers):
@@ -157,6 +164,8 @@ def start_embedded_servers(
                     dtype=config.dtype,
                     max_batch_size=config.max_batch_size,
                     threads=config.threads,
+                    weight_version=weight_version,
+                    extra_args=extra_args,
                     startup_timeout_s=config.startup_timeout_s,
                 )
             )

@@ -147,15 +147,14 @@ def decode_routed_experts(
     layout = f"[{num_tokens} tokens (prompt + response - 1), {layers} layers, top-{topk}]"
     if isinstance(value, str):
         try:
-            raw = base64.b64decode(value, validate=True)
+            raw = _b64decode(value)
         except (binascii.Error, ValueError) as exc:
             raise fail(f"invalid base64 ({exc}); truncated or corrupted payload") from None
         if len(raw) % 4:
             raise fail(f"{len(raw)} bytes is not a whole number of int32 values")
         if len(raw) // 4 != expected:
             raise fail(f"{len(raw) // 4} int32 values, expected {expected} for {layout}")
-        ids = torch.from_numpy(np.frombuffer(raw, dtype="<i4").astype(np.int64))
-        ids = ids.view(num_tokens, layers, topk)
+        array = np.frombuffer(raw, dtype="<i4").astype(np.int32)  # native order, writable
     elif isinstance(value, list):
         # Older SGLang builds: nested JSON lists with the same logical shape.
         try:
@@ -166,7 +165,9 @@ def decode_routed_experts(
             raise fail(f"JSON lists hold {array.dtype} values, not integer expert ids")
         if array.size != expected or (expected and array.shape != (num_tokens, layers, topk)):
             raise fail(f"JSON lists of shape {list(array.shape)}, expected {layout}")
-        ids = torch.from_numpy(array.astype(np.int64).reshape(num_tokens, layers, topk))
+        if array.size and (array.min() < -(2**31) or array.max() >= 2**31):
+            raise fail("JSON lists hold values outside int32")
+        array = array.astype(np.int32)
     elif value is None:
         raise fail(
             "missing (null): start SGLang with --enable-return-routed-experts, and check that "
@@ -174,17 +175,38 @@ def decode_routed_experts(
         )
     else:
         raise fail(f"expected a base64 string or nested lists, got {type(value).__name__}")
+    ids = torch.from_numpy(array).view(num_tokens, layers, topk)
+    return _checked_moe_routes(ids, shape, fail)
 
+
+def _b64decode(text: str) -> bytes:
+    try:
+        # strict_mode (Python 3.11+) rejects stray characters and bad padding, and is
+        # faster than base64.b64decode(validate=True).
+        return binascii.a2b_base64(text, strict_mode=True)
+    except TypeError:
+        return base64.b64decode(text, validate=True)
+
+
+def _checked_moe_routes(ids: torch.Tensor, shape: ModelShape, fail) -> torch.Tensor:
+    """All-layer int32 ids -> validated MoE-layer routes in the compact dtype.
+
+    The checks of ``replay.routes.validate``, vectorised for responses of many thousand
+    tokens, plus one of SGLang's layout: dense layers must hold zeros."""
+    num_tokens, layers, topk = ids.shape
     moe = list(shape.moe_layers)
     dense = [i for i in range(layers) if i not in moe]
-    for layer in dense:
-        # SGLang fills dense layers with 0; anything else means the layer axis is misread.
-        if ids[:, layer].any():
+    if dense and num_tokens:
+        nonzero = ids.index_select(1, torch.tensor(dense)).reshape(num_tokens, len(dense), topk)
+        hit = nonzero.any(dim=2).any(dim=0)
+        if hit.any():
+            # SGLang fills dense layers with 0; anything else means the layer axis is misread.
+            layer = dense[int(hit.nonzero()[0])]
             raise fail(
                 f"dense layer {layer} carries non-zero expert ids: the server's layer layout "
                 f"differs from the trainer's MoE layers {moe}"
             )
-    picked = ids[:, moe]
+    picked = ids.index_select(1, torch.tensor(moe, dtype=torch.long))
     bad = (picked < 0) | (picked >= shape.num_experts)
     if bad.any():
         t, j, k = (int(v) for v in bad.nonzero()[0])
@@ -192,19 +214,21 @@ def decode_routed_experts(
             f"expert id {int(picked[t, j, k])} at token {t}, layer {moe[j]} is out of range "
             f"[0, {shape.num_experts})"
         )
-    try:
-        route_utils.validate(
-            picked,
-            num_tokens=num_tokens,
-            num_moe_layers=len(moe),
-            topk=topk,
-            num_experts=shape.num_experts,
-            sample=f"request {rid!r}",
-            layer_names=[f"layer {i}" for i in moe],
-        )
-    except route_utils.RouteError as exc:
-        raise fail(str(exc)) from None
-    return route_utils.compact(picked, shape.num_experts)
+    routes = route_utils.compact(picked, shape.num_experts)
+    if topk > 1 and num_tokens:
+        ordered = routes.sort(dim=-1).values
+        dup = (ordered[..., 1:] == ordered[..., :-1]).any(dim=-1)
+        if dup.any():
+            t, j = (int(v) for v in dup.nonzero()[0])
+            raise fail(f"duplicate expert ids {picked[t, j].tolist()} at token {t}, layer {moe[j]}")
+    elif num_tokens >= 16:
+        silent = ~routes.reshape(num_tokens, len(moe)).any(dim=0)
+        if silent.any():
+            layer = moe[int(silent.nonzero()[0])]
+            raise fail(
+                f"every route of layer {layer} is expert 0: the capture of this layer was lost"
+            )
+    return routes
 
 
 def _field(container: dict, name: str, kinds: tuple[type, ...], where: str, fail) -> Any:

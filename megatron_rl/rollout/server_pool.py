@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import httpx
@@ -48,10 +48,13 @@ class ServerPool:
         backoff: Callable[[int], float],
         fail_on_down: bool,
         on_down: Callable[[ServerState], None],
+        on_back: Callable[[ServerState], Awaitable[bool]] | None = None,
     ):
+        """``on_down`` records a server declared down; ``on_back`` prepares a server whose
+        /health answers again (e.g. reloads the current weights) and says if it may serve."""
         self.http, self.servers = http, servers
         self.probes, self.backoff = probes, backoff
-        self.fail_on_down, self.on_down = fail_on_down, on_down
+        self.fail_on_down, self.on_down, self.on_back = fail_on_down, on_down, on_back
         self.changed = asyncio.Condition()
         self.tasks: list[asyncio.Task] = []
         self.turn = 0
@@ -86,7 +89,9 @@ class ServerPool:
             if server.suspect or server.down:
                 return
             server.suspect = True
-            server.reason = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+            server.reason = (
+                f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+            )
             logger.warning("rollout server %s unreachable (%s); probing /health", server.url, error)
             self.tasks.append(asyncio.create_task(self._probe(server)))
 
@@ -94,7 +99,10 @@ class ServerPool:
         for attempt in range(self.probes):
             await asyncio.sleep(self.backoff(attempt))
             try:
-                if (await self.http.get(f"{server.url}/health", timeout=5.0)).status_code == 200:
+                healthy = (
+                    await self.http.get(f"{server.url}/health", timeout=5.0)
+                ).status_code == 200
+                if healthy and (self.on_back is None or await self.on_back(server)):
                     logger.info("rollout server %s is back", server.url)
                     async with self.changed:
                         server.suspect = False

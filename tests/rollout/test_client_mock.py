@@ -271,3 +271,59 @@ def test_weight_update_reports_which_servers_failed():
     c.flush_cache()
     assert c.health() == {A: True, B: True}
     assert client([A], routed({A: unreachable})).health() == {A: False}
+
+
+def test_samples_of_stale_weights_are_refused():
+    stale = fake_sglang(SHAPE)  # answers with weight_version "default" whatever it was told
+    c = client([A], routed({A: stale}))
+    c.update_weights_from_disk("/ckpt/step9", "9")
+    with pytest.raises(RolloutProtocolError, match=r"weight version 'default'.*updated to '9'"):
+        c.generate_batch(requests(2), "s")
+
+
+class RestartingServer:
+    """Refuses connections once (a crash), then comes back with its initial weights."""
+
+    def __init__(self):
+        self.version, self.crashed, self.updates = "default", False, []
+
+    def __call__(self, request):
+        if not self.crashed:
+            self.crashed = True
+            raise httpx.ConnectError("connection refused", request=request)
+        path = request.url.path
+        if path == "/get_model_info":
+            return httpx.Response(200, json={"model_path": "/ckpt", "weight_version": self.version})
+        if path == "/update_weights_from_disk":
+            body = json.loads(request.content)
+            self.updates.append(body["model_path"])
+            self.version = body["weight_version"]
+            return httpx.Response(200, json={"success": True})
+        if path == "/generate":
+            body = json.loads(request.content)
+            return httpx.Response(
+                200, json=sglang_response(body, SHAPE, weight_version=self.version)[0]
+            )
+        return fake_sglang(SHAPE)(request)
+
+
+def test_restarted_server_gets_the_synced_weights_back():
+    server = RestartingServer()
+    c = client([A], routed({A: server}), retries=3)
+    c.note_weights("7", "/ckpt/step7")
+    samples = c.generate_batch(requests(4), "s")
+    assert server.updates == ["/ckpt/step7"] and {s.weight_version for s in samples} == {"7"}
+
+
+def test_restarted_server_without_a_checkpoint_to_reload_is_kept_out():
+    server = RestartingServer()
+
+    def current(request):  # B holds the broadcast weights
+        body = json.loads(request.content)
+        return httpx.Response(200, json=sglang_response(body, SHAPE, weight_version="9")[0])
+
+    c = client([A, B], routed({A: server, B: fake_sglang(SHAPE, generate=current)}), retries=2)
+    c.weight_version = "9"  # weights pushed by NCCL broadcast: no checkpoint to reload
+    samples = c.generate_batch(requests(6), "s")
+    assert {s.server_url for s in samples} == {B} and server.updates == []
+    assert list(c.down_servers) == [A]

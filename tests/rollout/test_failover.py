@@ -56,18 +56,25 @@ def run_and_interrupt(client: RolloutClient, batch_id: str, after: int, interrup
         return future.result(timeout=300), done_at_interrupt
 
 
-def test_killed_server_restarted_mid_batch_loses_and_duplicates_nothing(servers, tiny):
+def test_killed_server_restarted_mid_batch_loses_and_duplicates_nothing(servers, tiny, checkpoints):
     client = make_client([servers.main.url], tiny, retries=6, retry_backoff_s=0.5)
-    expected = client.generate_batch(batch(), "kill")  # the same batch, undisturbed
-    samples, arrived_before_kill = run_and_interrupt(client, "kill", 4, lambda: servers.restart(0))
-    assert arrived_before_kill < len(expected), "the kill landed after the batch"
-    assert [s.request_id for s in samples] == [s.request_id for s in expected]
-    assert len({s.request_id for s in samples}) == len(samples) == 24
-    # Retried requests keep their seeds, and the restarted server holds the same weights.
-    for got, want in zip(samples, expected, strict=True):
-        assert got.response_ids == want.response_ids
-        assert torch.equal(got.routes, want.routes)
-    assert client.last_batch_stats["retries"] > 0 and not client.down_servers
+    # Synced weights: the restarted server loads its initial checkpoint, and the client must
+    # give it the synced weights back before it serves again.
+    client.update_weights_from_disk(str(checkpoints.other_weights), "v1")
+    try:
+        expected = client.generate_batch(batch(), "kill")  # the same batch, undisturbed
+        samples, done_at_kill = run_and_interrupt(client, "kill", 4, lambda: servers.restart(0))
+        assert done_at_kill < len(expected), "the kill landed after the batch"
+        assert [s.request_id for s in samples] == [s.request_id for s in expected]
+        assert len({s.request_id for s in samples}) == len(samples) == 24
+        # Retried requests keep their seeds, and the restarted server got the same weights.
+        for got, want in zip(samples, expected, strict=True):
+            assert got.weight_version == "v1"
+            assert got.response_ids == want.response_ids
+            assert torch.equal(got.routes, want.routes)
+        assert client.last_batch_stats["retries"] > 0 and not client.down_servers
+    finally:
+        client.update_weights_from_disk(str(checkpoints.main), "default")
 
 
 def test_server_that_stays_down_is_named_and_the_batch_continues(servers, tiny, caplog):

@@ -1,0 +1,140 @@
+"""Rollout benchmarks: the cost of capturing routed experts, and decoding them in the client.
+
+1. Embedded engine, generation tokens/s with routed-expert capture (forward hooks on every
+   MoE gate, assembly to SGLang's [tokens, layers, top-k] int32 layout and base64 encoding,
+   as the server does) divided by tokens/s without. The two are measured side by side in
+   one process, alternating, on the same requests (fixed seeds, ``ignore_eos`` so every run
+   generates the same number of tokens). Reported in wall-clock and in CPU time of the
+   process (robust when other jobs share the cores): median of the per-pair ratios and the
+   ratio of the best runs. Target: at least 0.95.
+2. Client, decode throughput of ``meta_info.routed_experts`` (base64 -> int32 -> MoE-layer
+   selection -> validation -> compact dtype) in MB/s of int32 payload, for a Qwen3-30B-A3B
+   shaped response (48 layers, top-8, 128 experts) and for the tiny preset.
+
+    python benchmarks/bench_rollout.py [--requests 32] [--new-tokens 48] [--pairs 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megatron_rl.model.config import preset  # noqa: E402
+from megatron_rl.rollout.engine import GenerationEngine, GenerationRequest  # noqa: E402
+from megatron_rl.rollout.protocol import decode_routed_experts, encode_routed_experts  # noqa: E402
+from megatron_rl.weight_sync.hf_config import ModelShape, save_random_checkpoint  # noqa: E402
+
+
+def generation_rate(
+    engine: GenerationEngine, prompts: list[list[int]], new_tokens: int, capture: bool
+) -> tuple[float, float]:
+    """(tokens per wall-clock second, tokens per CPU second of this process)."""
+    requests = [
+        GenerationRequest(
+            rid=f"b{i}", input_ids=p, max_new_tokens=new_tokens, sampling_seed=i, ignore_eos=True,
+            return_logprob=True, return_routed_experts=capture,
+        )
+        for i, p in enumerate(prompts)
+    ]  # fmt: skip
+    start, cpu_start = time.perf_counter(), time.process_time()
+    results = engine.generate(requests)
+    if capture:
+        for result in results:  # what the server adds to each response
+            encode_routed_experts(result.routed_experts)
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    tokens = sum(len(r.output_ids) for r in results)
+    return tokens / wall, tokens / cpu
+
+
+def capture_cost(args) -> None:
+    torch.set_num_threads(args.threads)
+    config = preset("tiny")
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = save_random_checkpoint(config, Path(tmp) / "model", seed=0)
+        engine = GenerationEngine(model_dir, dtype=args.dtype, max_batch_size=args.requests, seed=0)
+        try:
+            g = torch.Generator().manual_seed(0)
+            prompts = [
+                torch.randint(4, 128, (args.prompt_tokens,), generator=g).tolist()
+                for _ in range(args.requests)
+            ]
+            generation_rate(engine, prompts, 4, capture=True)  # warm-up
+            wall, cpu = {True: [], False: []}, {True: [], False: []}
+            for pair in range(args.pairs):
+                # Alternate which goes first so drifting machine load hits both sides alike.
+                for capture in (True, False) if pair % 2 == 0 else (False, True):
+                    w, c = generation_rate(engine, prompts, args.new_tokens, capture)
+                    wall[capture].append(w)
+                    cpu[capture].append(c)
+        finally:
+            engine.close()
+    print(
+        f"generation ({args.requests} requests x {args.new_tokens} new tokens, prompt {args.prompt_tokens}, "
+        f"{args.dtype}, {args.threads} thread(s), tiny preset, {args.pairs} pairs):"
+    )
+    for name, rates in (("wall-clock", wall), ("CPU time", cpu)):
+        ratios = [a / b for a, b in zip(rates[True], rates[False], strict=True)]
+        print(
+            f"  {name:10s}: with capture {statistics.median(rates[True]):8.1f} tokens/s, without "
+            f"{statistics.median(rates[False]):8.1f} tokens/s; ratio median {statistics.median(ratios):.3f} "
+            f"(per pair {min(ratios):.3f}..{max(ratios):.3f}), best-of ratio "
+            f"{max(rates[True]) / max(rates[False]):.3f}"
+        )
+    print("  target: ratio >= 0.95 (CPU time is robust to other processes on the machine)")
+
+
+def decode_throughput(name: str, shape: ModelShape, tokens: int, samples: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    routes = torch.zeros(
+        (tokens, shape.num_hidden_layers, shape.num_experts_per_tok), dtype=torch.int32
+    )
+    scores = torch.rand((tokens, len(shape.moe_layers), shape.num_experts), generator=g)
+    routes[:, list(shape.moe_layers)] = scores.topk(shape.num_experts_per_tok, dim=-1).indices.int()
+    payload = encode_routed_experts(routes)
+    raw_mb = routes.numel() * 4 / 1e6
+    decode_routed_experts(payload, num_tokens=tokens, shape=shape)  # warm-up
+    start = time.perf_counter()
+    for _ in range(samples):
+        decode_routed_experts(payload, num_tokens=tokens, shape=shape)
+    elapsed = time.perf_counter() - start
+    print(
+        f"  {name}: {tokens} tokens x {shape.num_hidden_layers} layers x top-{shape.num_experts_per_tok} "
+        f"({raw_mb:.2f} MB int32, {len(payload) / 1e6:.2f} MB base64): "
+        f"{raw_mb * samples / elapsed:8.1f} MB/s, {elapsed / samples * 1e3:.2f} ms per response"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--prompt-tokens", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--pairs", type=int, default=7, help="with/without measurement pairs")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--decode-samples", type=int, default=20)
+    args = parser.parse_args()
+
+    capture_cost(args)
+    print("client decode of routed_experts (base64 -> compact MoE-layer routes, validated):")
+    decode_throughput(
+        "qwen3-30b-a3b",
+        ModelShape.from_model_config(preset("qwen3-30b-a3b")),
+        4096,
+        args.decode_samples,
+    )
+    decode_throughput(
+        "tiny", ModelShape.from_model_config(preset("tiny")), 512, args.decode_samples * 10
+    )
+
+
+if __name__ == "__main__":
+    main()
