@@ -38,6 +38,7 @@ import httpx
 
 from megatron_rl.model.config import ModelConfig
 from megatron_rl.rollout.config import RolloutConfig
+from megatron_rl.rollout.control import call_all, health_all, reload_if_stale
 from megatron_rl.rollout.protocol import (
     GenerateResponse,
     RolloutAbortedError,
@@ -81,6 +82,14 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run(coro)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         return pool.submit(asyncio.run, coro).result()
+
+
+class _Retry(Exception):
+    """An attempt failed in a way a retry may fix; ``error`` says how."""
+
+    def __init__(self, error: Exception):
+        super().__init__(str(error))
+        self.error = error
 
 
 class RolloutClient:
@@ -220,7 +229,9 @@ class RolloutClient:
                 backoff=self.backoff,
                 fail_on_down=self.on_server_failure == "fail",
                 on_down=lambda s: self.down_servers.__setitem__(s.url, s.reason),
-                on_back=lambda s: self._ensure_current_weights(http, s.url),
+                on_back=lambda s: reload_if_stale(
+                    http, s.url, self.weight_version, self._weights_path
+                ),
             )
             await self._rejoin_down_servers(http, pool)
             self._retries = 0
@@ -268,87 +279,82 @@ class RolloutClient:
         failures, unreachable, avoid = 0, 0, None
         while True:
             server = await pool.pick(avoid)
-            server.in_flight += 1
+            avoid = server  # a retry goes elsewhere if it can
             started = time.perf_counter()
+            server.in_flight += 1
             try:
-                response = await http.post(f"{server.url}/generate", json=body)
-            except httpx.TimeoutException as exc:
-                error: Exception = RolloutProtocolError(
-                    f"no answer within {self.timeout_s} s ({type(exc).__name__})",
-                    rid=rid,
-                    server_url=server.url,
-                )
+                decoded = await self._attempt(http, server.url, body)
+            except _Retry as retry:
+                failures += 1
+                if failures > self.retries:
+                    raise RolloutServerError(
+                        f"gave up after {failures} attempts: {retry.error}"
+                    ) from retry.error
+                logger.warning("retrying (%d/%d): %s", failures, self.retries, retry.error)
+                self._retries += 1
+                await asyncio.sleep(self.backoff(failures - 1))
+                continue
             except httpx.TransportError as exc:
-                # The server is unreachable or died mid-request: wait for it or use another.
+                # Unreachable, or died mid-request: wait for the server or use another one.
                 # Bounded in case /health answers while /generate keeps failing.
                 unreachable += 1
                 if unreachable > self.retries + len(self.urls):
                     raise RolloutServerError(
-                        f"request {rid!r}: gave up after {unreachable} connection failures, last on "
-                        f"{server.url} ({type(exc).__name__}: {exc})"
+                        f"request {rid!r}: gave up after {unreachable} connection failures, "
+                        f"last on {server.url} ({type(exc).__name__}: {exc})"
                     ) from exc
                 await pool.connection_failed(server, exc)
                 self._retries += 1
-                avoid = server
                 continue
-            else:
-                error = None
             finally:
                 server.in_flight -= 1
-            if error is None:
-                if 400 <= response.status_code < 500:
-                    raise RolloutProtocolError(
-                        f"HTTP {response.status_code}: {response.text[:500]}",
-                        rid=rid,
-                        server_url=server.url,
-                    )
-                if response.status_code >= 500:
-                    error = RolloutProtocolError(
-                        f"HTTP {response.status_code}: {response.text[:300]}",
-                        rid=rid,
-                        server_url=server.url,
-                    )
-                else:
-                    try:
-                        # Parsing and decoding a long response takes tens of ms: keep the
-                        # event loop free for the other requests meanwhile.
-                        decoded = await asyncio.to_thread(self._decode, response, body, server.url)
-                    except RolloutAbortedError as exc:
-                        error = exc
-                    else:
-                        if (
-                            self.weight_version is not None
-                            and decoded.weight_version != self.weight_version
-                        ):
-                            raise RolloutProtocolError(
-                                f"generated with weight version {decoded.weight_version!r}, the "
-                                f"servers were updated to {self.weight_version!r}",
-                                rid=rid,
-                                server_url=server.url,
-                            )
-                        return RolloutSample(
-                            prompt_index=request.prompt_index,
-                            sample_index=request.sample_index,
-                            prompt_ids=list(request.prompt_ids),
-                            response_ids=decoded.output_ids,
-                            rollout_logprobs=decoded.logprobs,
-                            routes=decoded.routes,
-                            finish_reason=decoded.finish_reason,
-                            weight_version=decoded.weight_version,
-                            prompt_tokens=decoded.prompt_tokens,
-                            completion_tokens=decoded.completion_tokens,
-                            latency_s=time.perf_counter() - started,
-                            server_url=server.url,
-                            request_id=rid,
-                            metadata=dict(request.metadata),
-                        )
-            failures += 1
-            if failures > self.retries:
-                raise RolloutServerError(f"gave up after {failures} attempts: {error}") from error
-            logger.warning("retrying (%d/%d): %s", failures, self.retries, error)
-            self._retries += 1
-            avoid = server
-            await asyncio.sleep(self.backoff(failures - 1))
+            if self.weight_version is not None and decoded.weight_version != self.weight_version:
+                raise RolloutProtocolError(
+                    f"generated with weight version {decoded.weight_version!r}, the servers were "
+                    f"updated to {self.weight_version!r}",
+                    rid=rid,
+                    server_url=server.url,
+                )
+            return RolloutSample(
+                prompt_index=request.prompt_index,
+                sample_index=request.sample_index,
+                prompt_ids=list(request.prompt_ids),
+                response_ids=decoded.output_ids,
+                rollout_logprobs=decoded.logprobs,
+                routes=decoded.routes,
+                finish_reason=decoded.finish_reason,
+                weight_version=decoded.weight_version,
+                prompt_tokens=decoded.prompt_tokens,
+                completion_tokens=decoded.completion_tokens,
+                latency_s=time.perf_counter() - started,
+                server_url=server.url,
+                request_id=rid,
+                metadata=dict(request.metadata),
+            )
+
+    async def _attempt(self, http: httpx.AsyncClient, url: str, body: dict) -> GenerateResponse:
+        """One ``/generate`` call. Raises :class:`_Retry` for what a retry may fix (timeout,
+        5xx, abort), ``httpx.TransportError`` when the server is unreachable, and
+        :class:`RolloutProtocolError` for refusals (4xx) and malformed responses."""
+        rid = body["rid"]
+        try:
+            response = await http.post(f"{url}/generate", json=body)
+        except httpx.TimeoutException as exc:
+            message = f"no answer within {self.timeout_s} s ({type(exc).__name__})"
+            raise _Retry(RolloutProtocolError(message, rid=rid, server_url=url)) from None
+        status = response.status_code
+        if status >= 500:
+            message = f"HTTP {status}: {response.text[:300]}"
+            raise _Retry(RolloutProtocolError(message, rid=rid, server_url=url))
+        if status >= 400:
+            message = f"HTTP {status}: {response.text[:500]}"
+            raise RolloutProtocolError(message, rid=rid, server_url=url)
+        try:
+            # Parsing and decoding a long response takes tens of ms: keep the event loop
+            # free for the other requests meanwhile.
+            return await asyncio.to_thread(self._decode, response, body, url)
+        except RolloutAbortedError as exc:
+            raise _Retry(exc) from None
 
     def _decode(self, response: httpx.Response, body: dict, url: str) -> GenerateResponse:
         try:
@@ -359,33 +365,6 @@ class RolloutClient:
             ) from None
         return decode_generate_response(payload, request=body, shape=self.shape, server_url=url)
 
-    async def _ensure_current_weights(self, http: httpx.AsyncClient, url: str) -> bool:
-        """A server that comes back may have restarted from its initial checkpoint: give it
-        the last synced weights before it serves again. False if that fails."""
-        if self.weight_version is None:
-            return True
-        try:
-            info = (await http.get(f"{url}/get_model_info", timeout=10.0)).json()
-            if str(info.get("weight_version")) == self.weight_version:
-                return True
-            if self._weights_path is None:
-                logger.warning(
-                    "rollout server %s serves weight version %r, not %s, and no checkpoint of "
-                    "that version is known to reload: keeping it out",
-                    url, info.get("weight_version"), self.weight_version,
-                )  # fmt: skip
-                return False
-            logger.warning(
-                "rollout server %s serves weight version %r; reloading version %s from %s",
-                url, info.get("weight_version"), self.weight_version, self._weights_path,
-            )  # fmt: skip
-            body = {"model_path": self._weights_path, "weight_version": self.weight_version}
-            response = await http.post(f"{url}/update_weights_from_disk", json=body)
-            return response.status_code == 200 and response.json().get("success", True) is not False
-        except (httpx.HTTPError, ValueError, AttributeError) as exc:
-            logger.warning("rollout server %s: weight check failed (%s)", url, exc)
-            return False
-
     async def _rejoin_down_servers(self, http: httpx.AsyncClient, pool: ServerPool) -> None:
         for server in pool.servers:
             if server.url not in self.down_servers:
@@ -394,7 +373,9 @@ class RolloutClient:
                 healthy = (await http.get(f"{server.url}/health", timeout=5.0)).status_code == 200
             except httpx.HTTPError:
                 healthy = False
-            if healthy and await self._ensure_current_weights(http, server.url):
+            if healthy and await reload_if_stale(
+                http, server.url, self.weight_version, self._weights_path
+            ):
                 logger.info("rollout server %s is reachable again and rejoins", server.url)
                 del self.down_servers[server.url]
             else:
@@ -458,16 +439,7 @@ class RolloutClient:
     async def ahealth(self) -> dict[str, bool]:
         """URL -> whether ``/health`` answers 200."""
         async with self._http() as http:
-
-            async def ok(url: str) -> bool:
-                try:
-                    return (await http.get(f"{url}/health", timeout=5.0)).status_code == 200
-                except httpx.HTTPError:
-                    return False
-
-            return dict(
-                zip(self.urls, await asyncio.gather(*(ok(u) for u in self.urls)), strict=True)
-            )
+            return await health_all(http, self.urls)
 
     async def _control(self, method: str, path: str, body: dict | None, what: str) -> None:
         targets = [u for u in self.urls if u not in self.down_servers]
@@ -477,26 +449,7 @@ class RolloutClient:
         if not targets:
             raise RolloutServerError(f"{what}: every rollout server is down: {self.down_servers}")
         async with self._http() as http:
-
-            async def call(url: str) -> str | None:
-                try:
-                    response = await http.request(method, f"{url}{path}", json=body)
-                except httpx.HTTPError as exc:
-                    return f"{url} ({type(exc).__name__}: {exc})"
-                try:
-                    success = response.json().get("success", True)
-                except (ValueError, AttributeError):
-                    success = True  # SGLang answers /flush_cache with plain text
-                if response.status_code != 200 or success is False:
-                    return f"{url} (HTTP {response.status_code}: {response.text[:300]})"
-                return None
-
-            failures = [f for f in await asyncio.gather(*(call(u) for u in targets)) if f]
-        if failures:
-            ok = [u for u in targets if not any(f.startswith(u + " ") for f in failures)]
-            raise RolloutServerError(
-                f"{what} failed on: {'; '.join(failures)}; succeeded on: {ok or 'none'}"
-            )
+            await call_all(http, targets, method, path, body, what)
 
 
 async def _gather_or_cancel(tasks: list[asyncio.Task], pool: ServerPool) -> list:

@@ -5,15 +5,14 @@ attention mask, explicit position ids, a shared KV cache; rows leave the batch a
 finish) and resolves each request's future. Requests that arrive while a batch runs wait
 for the next batch (static batching: no admission into a running batch).
 
-Routed experts are read from a forward hook on every MoE block's ``gate``
-(``Qwen3MoeTopKRouter`` returns ``(router_logits, routing_weights, selected_experts)``),
-so they are exactly the experts the block then dispatched to. They cover the tokens fed
+Routed experts come from forward hooks on the MoE gates (``rollout.hf_model``), so they are
+exactly the experts each block dispatched to. They cover the tokens fed
 forward -- the prompt and every generated token but the last -- in SGLang's layout
 ``[prompt + response - 1, num_hidden_layers, top-k]`` int32, dense layers filled with 0.
 
 Padding does not leak into real tokens: padded keys are masked, positions count real
-tokens only, and each token's expert computation is independent of the other rows
-(tests compare batched with single generation). Sampling follows SGLang (see
+tokens only, attention is eager and each token's expert computation is independent of the
+other rows (tests compare batched with single generation: bit-identical in bf16). Sampling follows SGLang (see
 ``rollout.sampling``), with one generator per request.
 
 Weight updates are queued like requests: the batch running (and requests queued before the
@@ -32,28 +31,20 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, DynamicCache, Qwen3MoeConfig, Qwen3MoeForCausalLM
+from transformers import DynamicCache, Qwen3MoeConfig
 
+from megatron_rl.rollout.hf_model import (
+    DTYPES,
+    RouteCapture,
+    load_model,
+    load_tokenizer,
+)
 from megatron_rl.rollout.sampling import effective_params, sample_next, token_logprobs
 from megatron_rl.weight_sync.hf_config import ModelShape
 
 logger = logging.getLogger(__name__)
-
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-# Config fields two checkpoints must share for one's weights to replace the other's.
-ARCHITECTURE_FIELDS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "moe_intermediate_size", "num_experts",
-    "num_experts_per_tok", "mlp_only_layers", "decoder_sparse_step", "norm_topk_prob",
-    "tie_word_embeddings",
-)  # fmt: skip
-
-
-class WeightUpdateError(ValueError):
-    """A checkpoint that cannot replace the served weights; nothing was changed."""
 
 
 @dataclass(kw_only=True)
@@ -114,34 +105,6 @@ class _WeightSwap:
     future: Future
 
 
-class _RouteCapture:
-    """Forward hooks on each MoE gate; collect ``selected_experts`` only while recording."""
-
-    def __init__(self, model: Qwen3MoeForCausalLM):
-        self.gates = [layer.mlp.gate for layer in model.model.layers if hasattr(layer.mlp, "gate")]
-        self._sink: list[torch.Tensor] | None = None
-        for gate in self.gates:
-            gate.register_forward_hook(self._hook)
-
-    def _hook(self, module, inputs, output) -> None:
-        if self._sink is not None:
-            self._sink.append(output[2])
-
-    def record(self, enabled: bool) -> None:
-        self._sink = [] if enabled else None
-
-    def take(self, num_tokens: int) -> torch.Tensor | None:
-        """Routes of the last forward pass, ``[num_tokens, moe_layers, k]``."""
-        sink, self._sink = self._sink, None
-        if sink is None:
-            return None
-        if len(sink) != len(self.gates):
-            raise RuntimeError(
-                f"captured {len(sink)} router outputs for {len(self.gates)} MoE layers"
-            )
-        return torch.stack([s.reshape(num_tokens, -1) for s in sink], dim=1)
-
-
 class GenerationEngine:
     """Serves one Hugging Face Qwen3-MoE checkpoint directory."""
 
@@ -161,7 +124,7 @@ class GenerationEngine:
             raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
         self.dtype = DTYPES[dtype]
         self.model_path = str(model_dir)
-        self.model, _ = self._load(self.model_path)
+        self.model = load_model(self.model_path, self.dtype)
         self.config: Qwen3MoeConfig = self.model.config
         self.shape = ModelShape.from_hf_config(self.config)
         self.context_length = context_length or self.config.max_position_embeddings
@@ -173,8 +136,8 @@ class GenerationEngine:
         self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
         self.pad_token_id = self.config.pad_token_id or 0
         self.tokenizer_path = self.model_path
-        self.tokenizer = self._load_tokenizer(self.model_path)
-        self._capture = _RouteCapture(self.model)
+        self.tokenizer = load_tokenizer(self.model_path)
+        self._capture = RouteCapture(self.model)
         self._seeds = random.Random(seed)
         self._queue: collections.deque = collections.deque()
         self._cond = threading.Condition()
@@ -223,7 +186,7 @@ class GenerationEngine:
         seed = request.sampling_seed
         if seed is None:
             seed = self._seeds.getrandbits(63)
-        generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed % 2**64)  # any int, as SGLang takes
         temperature, top_k = effective_params(request.temperature, request.top_k)
         row = _Row(request, Future(), generator, temperature, top_k, time.perf_counter())
         self._enqueue(row)
@@ -241,7 +204,7 @@ class GenerationEngine:
         :class:`WeightUpdateError` -- and keeps serving the old weights -- if the path is
         missing or holds a model of another shape."""
         with self._update_lock:
-            new_model, _ = self._load(model_path, reference=self.config)
+            new_model = load_model(model_path, self.dtype, reference=self.config)
             version = weight_version if weight_version is not None else self.weight_version
             swap = _WeightSwap(new_model.state_dict(), str(version), str(model_path), Future())
             del new_model
@@ -259,46 +222,6 @@ class GenerationEngine:
             item.future.set_exception(RuntimeError("generation engine closed"))
 
     # ---- loading ----------------------------------------------------------------------
-
-    def _load(self, path: str, reference: Qwen3MoeConfig | None = None):
-        if not Path(path, "config.json").is_file():
-            raise WeightUpdateError(f"{path} is not a checkpoint directory (no config.json)")
-        try:
-            config = Qwen3MoeConfig.from_pretrained(path)
-        except Exception as exc:
-            raise WeightUpdateError(
-                f"{path}/config.json cannot be read as Qwen3-MoE: {exc}"
-            ) from exc
-        if reference is not None:
-            diffs = [
-                f"{name}: {getattr(config, name, None)} (served: {getattr(reference, name, None)})"
-                for name in ARCHITECTURE_FIELDS
-                if getattr(config, name, None) != getattr(reference, name, None)
-            ]
-            if diffs:
-                raise WeightUpdateError(
-                    f"{path} holds a model of another shape: " + "; ".join(diffs)
-                )
-        try:
-            model, info = Qwen3MoeForCausalLM.from_pretrained(
-                path, dtype=self.dtype, output_loading_info=True, attn_implementation="eager"
-            )
-        except Exception as exc:
-            raise WeightUpdateError(f"cannot load the weights in {path}: {exc}") from exc
-        problems = {k: sorted(map(str, v)) for k, v in info.items() if v}
-        if problems:
-            raise WeightUpdateError(f"weights in {path} do not fit the model: {problems}")
-        return model.eval(), config
-
-    @staticmethod
-    def _load_tokenizer(path: str):
-        """The checkpoint's tokenizer, or None (then only ``input_ids`` requests work)."""
-        if not any(Path(path, f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-            logger.warning(
-                "no tokenizer in %s: text prompts are refused, responses have no text", path
-            )
-            return None
-        return AutoTokenizer.from_pretrained(path)
 
     # ---- worker -----------------------------------------------------------------------
 

@@ -19,6 +19,10 @@ the trainer uses, same request and response schema:
 
 Bad requests get a 4xx JSON error ``{"error": {"message": ...}}`` (SGLang's shape), never a
 crash. With ``--api-key`` every endpoint requires ``Authorization: Bearer <key>``.
+
+From Python, :func:`start_server_process` (re-exported from ``rollout.launcher``) starts it
+as a subprocess and returns a handle with ``.url`` and ``.stop()`` once ``/health`` answers;
+:func:`create_app` serves an in-process :class:`GenerationEngine` with any ASGI server.
 """
 
 from __future__ import annotations
@@ -36,12 +40,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
 from megatron_rl import __version__
-from megatron_rl.rollout.engine import (
-    GenerationEngine,
-    GenerationRequest,
-    GenerationResult,
-    WeightUpdateError,
-)
+from megatron_rl.rollout.engine import GenerationEngine, GenerationRequest, GenerationResult
+from megatron_rl.rollout.hf_model import WeightUpdateError
+from megatron_rl.rollout.launcher import ServerHandle, start_server_process  # noqa: F401
 from megatron_rl.rollout.protocol import encode_routed_experts
 
 logger = logging.getLogger(__name__)

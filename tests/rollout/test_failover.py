@@ -13,6 +13,8 @@ from rollout_env import API_KEY
 from megatron_rl.rollout.client import RolloutClient, RolloutRequest
 from megatron_rl.rollout.protocol import RolloutServerError, SamplingParams
 
+pytestmark = pytest.mark.slow  # starts and kills server processes
+
 
 def make_client(urls, tiny, **kw) -> RolloutClient:
     return RolloutClient(

@@ -12,6 +12,8 @@ from megatron_rl.rollout.protocol import RolloutServerError, SamplingParams
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
+pytestmark = pytest.mark.slow  # talks to server processes
+
 
 def make_client(url: str, model_config, **kw) -> RolloutClient:
     kw.setdefault("sampling", SamplingParams(max_new_tokens=8))
