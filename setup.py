@@ -29,7 +29,9 @@ PINS = {
     "pytest": "pytest>=8",
     "ruff": "ruff>=0.6",
     "transformer-engine": "transformer-engine[pytorch]>=2.6",
-    "apex": "apex",
+    # NVIDIA apex is not on PyPI (the PyPI "apex" is another project); NGC PyTorch images
+    # ship it, which satisfies this requirement without a build.
+    "apex": "apex @ git+https://github.com/NVIDIA/apex.git",
     "sglang": "sglang[all]>=0.5.7",
 }
 

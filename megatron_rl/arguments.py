@@ -9,6 +9,7 @@ group is created, with one message naming the flags involved.
 from __future__ import annotations
 
 import argparse
+import inspect
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
@@ -46,12 +47,17 @@ class RunConfig:
         self.training.validate(self.parallel.data_parallel_size(world_size))
         self.task.validate()
         for component in self.extra.values():
-            check = getattr(component, "validate", None)
-            if check is not None:
-                try:
-                    check(run=self)
-                except TypeError:
-                    check()
+            _validate_component(component, self, world_size)
+
+
+def _validate_component(component, run: "RunConfig", world_size: int) -> None:
+    """Call ``component.validate`` with whichever of (run, world_size) it takes."""
+    check = getattr(component, "validate", None)
+    if check is None:
+        return
+    params = inspect.signature(check).parameters
+    offered = {"run": run, "world_size": world_size}
+    check(**{name: value for name, value in offered.items() if name in params})
 
 
 # Component configs that register themselves here are parsed too (name -> class).

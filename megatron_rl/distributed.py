@@ -164,6 +164,7 @@ def init_distributed(parallel: ParallelConfig, num_layers: int, seed: int) -> No
 def destroy_distributed() -> None:
     from megatron.core import parallel_state as ps
 
+    reset_data_group()
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     if dist.is_initialized():
@@ -180,3 +181,38 @@ def _free_port() -> int:
 
 def is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+_DATA_GROUP: tuple | None = None
+
+
+def data_group():
+    """(group, leader global rank, member ranks) of the ranks that share this rank's
+    data-parallel index -- the TP x PP x CP ranks that see the same samples.
+
+    The leader talks to the rollout servers for the group and hands each member its
+    share. Collective the first time it is called (every rank creates every group)."""
+    global _DATA_GROUP
+    if _DATA_GROUP is not None:
+        return _DATA_GROUP
+    from megatron.core import parallel_state as ps
+
+    world = dist.get_world_size()
+    dp_ranks: list[int] = [0] * world
+    dist.all_gather_object(dp_ranks, ps.get_data_parallel_rank())
+    by_dp: dict[int, list[int]] = {}
+    for rank, dp in enumerate(dp_ranks):
+        by_dp.setdefault(dp, []).append(rank)
+    mine = None
+    for dp in sorted(by_dp):
+        ranks = by_dp[dp]
+        group = dist.new_group(ranks) if len(ranks) > 1 else None
+        if dist.get_rank() in ranks:
+            mine = (group, ranks[0], ranks)
+    _DATA_GROUP = mine
+    return mine
+
+
+def reset_data_group() -> None:
+    global _DATA_GROUP
+    _DATA_GROUP = None

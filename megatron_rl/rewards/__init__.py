@@ -1,0 +1,5 @@
+"""Rewards: the task's own scorer or a user function, applied to decoded responses."""
+
+from megatron_rl.rewards.scoring import score_samples
+
+__all__ = ["score_samples"]

@@ -1,0 +1,46 @@
+"""Score rollout samples with the task's reward (reasoning-gym's scorer or a user's).
+
+A scorer that raises on a response (a parse failure) gives reward 0 for that response;
+the failure is counted and logged with the sample, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from megatron_rl.data.tasks import Task, TaskItem
+from megatron_rl.metrics.stats import Stat
+from megatron_rl.rollout.types import RolloutSample
+
+logger = logging.getLogger(__name__)
+
+
+def score_samples(
+    samples: list[RolloutSample],
+    items: dict[int, TaskItem],
+    task: Task,
+    tokenizer,
+) -> dict[str, Stat]:
+    """Set ``sample.reward`` for every sample (``items`` maps prompt_index -> item).
+
+    Returns statistics: reward failures and truncated (length-capped) responses."""
+    failures = 0
+    truncated = 0
+    for sample in samples:
+        item = items[sample.prompt_index]
+        text = tokenizer.decode(sample.response_ids, skip_special_tokens=True)
+        sample.metadata["response_text"] = text
+        try:
+            sample.reward = float(task.score(text, item))
+        except Exception as exc:  # a user scorer may raise anything on odd text
+            failures += 1
+            sample.reward = 0.0
+            sample.metadata["reward_error"] = repr(exc)
+            logger.warning("reward of %s failed on %r: %r", sample.request_id, text[:80], exc)
+        if sample.finish_reason == "length":
+            truncated += 1
+    n = float(len(samples))
+    return {
+        "rollout/reward_failure_frac": Stat(float(failures), n, "mean"),
+        "rollout/truncated_frac": Stat(float(truncated), n, "mean"),
+    }

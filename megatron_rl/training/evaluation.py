@@ -1,0 +1,40 @@
+"""Held-out evaluation: greedy decoding with the trainer's own model, scored by the task."""
+
+from __future__ import annotations
+
+import logging
+
+from megatron_rl.data.tasks import Task, TaskItem
+from megatron_rl.training.engine import MegatronEngine
+from megatron_rl.training.generate import greedy_generate
+
+logger = logging.getLogger(__name__)
+
+
+def encode_item(tokenizer, item: TaskItem, with_answer: bool = True) -> tuple[list[int], int]:
+    """Token ids of prompt (+ answer + eos) and the prompt length."""
+    prompt = tokenizer(item.prompt, add_special_tokens=False)["input_ids"]
+    if not with_answer:
+        return prompt, len(prompt)
+    answer = tokenizer(item.answer, add_special_tokens=False)["input_ids"]
+    return prompt + answer + [tokenizer.eos_token_id], len(prompt)
+
+
+def evaluate(engine: MegatronEngine, task: Task, tokenizer, run) -> dict[str, float]:
+    """Greedy held-out accuracy (collective)."""
+    items = task.eval_items()
+    if not items:
+        return {}
+    prompts = [encode_item(tokenizer, item, with_answer=False)[0] for item in items]
+    outputs = greedy_generate(
+        engine, prompts, max_new_tokens=run.evaluation.eval_max_new_tokens,
+        eos_id=tokenizer.eos_token_id, micro_batch_size=run.evaluation.eval_micro_batch_size,
+    )
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in outputs]
+    scores = [task.score(text, item) for text, item in zip(texts, items)]
+    for text, item in list(zip(texts, items))[:3]:
+        logger.info("eval sample: %r -> %r (reference %r)", item.prompt, text, item.answer)
+    return {"eval/accuracy": sum(scores) / len(scores),
+            "eval/response_length_mean": sum(len(o) for o in outputs) / len(outputs)}
+
+

@@ -1,0 +1,66 @@
+"""Settings of the RL loop itself (the objective, replay and rollout have their own)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from megatron_rl.config.flags import ConfigError
+
+
+@dataclass(kw_only=True, frozen=True)
+class RLConfig:
+    """One RL step: B prompts x G responses, then N = rollout batch / mini-batch updates."""
+
+    rl_group_size: int = 8
+    """G: responses per prompt. --global-batch-size counts responses (B x G)."""
+    rl_mini_batch_size: int | None = None
+    """Responses per gradient update; N = --global-batch-size / this is the paper's
+    off-policiness. None: one update per rollout batch (on-policy)."""
+    rl_sequence_packing: bool = False
+    """Pack several responses into each row of --seq-length tokens."""
+    rl_router_agreement: bool = True
+    """Ask the rollout servers for routed experts even without r3, to measure how often
+    the trainer's own top-k agrees with the inference engine's."""
+    rl_weight_version_check: Literal["strict", "warn", "off"] = "strict"
+    """Every rollout sample must carry the policy version the trainer last synced."""
+    rl_keep_weight_versions: int = 2
+    """Exported weight versions kept on disk for the rollout servers."""
+    rl_sync_dir: str | None = None
+    """Where exported weights go (default: <save>/weights or a temporary directory)."""
+
+    def num_updates(self, global_batch_size: int) -> int:
+        mini = self.rl_mini_batch_size or global_batch_size
+        return global_batch_size // mini
+
+    def validate(self, run, world_size: int) -> None:
+        g = self.rl_group_size
+        gbs = run.training.global_batch_size
+        if g < 2:
+            raise ConfigError(
+                f"--rl-group-size {g}: group-relative advantages need at least 2 responses"
+            )
+        if gbs % g:
+            raise ConfigError(
+                f"--global-batch-size {gbs} (responses per rollout batch) is not a multiple "
+                f"of --rl-group-size {g}"
+            )
+        mini = self.rl_mini_batch_size or gbs
+        if mini < 1 or gbs % mini:
+            raise ConfigError(
+                f"--global-batch-size {gbs} is not divisible by --rl-mini-batch-size {mini}"
+            )
+        dp = run.parallel.data_parallel_size(world_size)
+        prompts = gbs // g
+        if prompts % dp:
+            raise ConfigError(
+                f"{prompts} prompts per rollout batch (--global-batch-size / --rl-group-size) "
+                f"do not split over {dp} data-parallel ranks (groups stay on one rank)"
+            )
+        per_rank = mini // dp if mini % dp == 0 else None
+        if per_rank is None or per_rank % run.training.micro_batch_size:
+            raise ConfigError(
+                f"--rl-mini-batch-size {mini} must split into data-parallel size {dp} x "
+                f"--micro-batch-size {run.training.micro_batch_size} pieces"
+            )
+

@@ -1,0 +1,332 @@
+"""The RL loop: prompts -> rollout -> rewards -> advantages -> pi_old -> N updates ->
+weight sync, one step after another, with evaluation, metrics and checkpoints.
+
+Each stage of a step is one small function below; :func:`run_rl` reads like the
+algorithm. Launched by ``pretrain_rl.py`` under torchrun (or SLURM).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from megatron_rl.advantages import compute_advantages, rollout_stats
+from megatron_rl.arguments import RunConfig
+from megatron_rl.data.tasks import Task, TaskItem
+from megatron_rl.distributed import data_group, init_distributed, is_rank0
+from megatron_rl.loss import ObjectiveConfig, derived_metrics
+from megatron_rl.metrics.progress import RLProgress
+from megatron_rl.metrics.stats import Stat, all_reduce_stats, merge_stats, results
+from megatron_rl.metrics.writer import MetricsWriter
+from megatron_rl.model.tokenizer import load_tokenizer
+from megatron_rl.replay.routes import route_dtype
+from megatron_rl.rewards import score_samples
+from megatron_rl.rollout.client import RolloutClient
+from megatron_rl.rollout.config import RolloutConfig
+from megatron_rl.rollout.types import RolloutSample
+from megatron_rl.training import checkpoint as ckpt
+from megatron_rl.training.engine import MegatronEngine, data_parallel_info
+from megatron_rl.training.evaluation import evaluate
+from megatron_rl.training.rl_config import RLConfig
+from megatron_rl.training.rl_data import (
+    RouteShare,
+    build_requests,
+    share_samples,
+    shard_prompts,
+    to_train_samples,
+)
+from megatron_rl.training.rl_passes import BatchLayout, old_logprobs, policy_updates
+from megatron_rl.training.rollout_service import RolloutService
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoopState:
+    """What a checkpoint must restore for the run to continue identically."""
+
+    step: int = 0
+    data_position: int = 0
+    policy_version: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StepRecord:
+    """Metrics and timings of one step, filled stage by stage."""
+
+    stats: dict[str, Stat] = field(default_factory=dict)
+    scalars: dict[str, float] = field(default_factory=dict)
+
+    def add_stats(self, stats: dict[str, Stat]) -> None:
+        self.stats = merge_stats([self.stats, stats])
+
+
+def run_rl(run: RunConfig) -> dict[str, float]:
+    """Train the policy with RL; returns the last step's metrics."""
+    init_distributed(run.parallel, run.model.num_layers, run.training.seed)
+    loop = RLLoop(run)
+    try:
+        return loop.train()
+    finally:
+        loop.close()
+
+
+class RLLoop:
+    """All the state of one RL run on this rank."""
+
+    def __init__(self, run: RunConfig) -> None:
+        self.run = run
+        self.rl: RLConfig = run.extra["rl"]
+        self.objective: ObjectiveConfig = run.extra["objective"]
+        self.rollout_cfg: RolloutConfig = run.extra["rollout"]
+        self.replay_mode: str = run.extra["replay"].routing_replay
+        self.tokenizer = load_tokenizer(run.model.tokenizer, run.model.vocab_size)
+        self.task = Task(run.task, seed=run.training.seed)
+        self.engine = MegatronEngine(run.model, run.parallel, run.training, routing_replay=True)
+        self.state = self._load()
+        self.replay = _make_replay(self.engine, run)
+        self.group, self.leader, self.members = data_group()
+        self.is_leader = dist.get_rank() == self.leader
+        self.layout = BatchLayout(
+            micro_batch_size=run.training.micro_batch_size,
+            seq_length=run.model.seq_length,
+            pack=self.rl.rl_sequence_packing,
+            pad_id=self.tokenizer.pad_token_id or 0,
+            route_shape=(len(self.replay.stage_moe_positions()), run.model.moe_router_topk,
+                         run.model.num_experts),
+        )
+        self.want_routes = self.replay_mode == "r3" or self.rl.rl_router_agreement
+        self.service = RolloutService(
+            self.engine, run, self.rollout_cfg, self.tokenizer,
+            return_routed_experts=self.want_routes, is_leader=self.is_leader,
+            sync_dir=self.rl.rl_sync_dir, keep_versions=self.rl.rl_keep_weight_versions,
+        )
+        self.writer = MetricsWriter(
+            run.checkpoint.save, tensorboard_dir=run.logging.tensorboard_dir,
+            wandb_project=run.logging.wandb_project, wandb_exp_name=run.logging.wandb_exp_name,
+            wandb_mode=run.logging.wandb_mode, config=_flat_config(run),
+            resume_step=self.state.step,
+        )
+        self.progress = RLProgress(run.training.train_iters, self.state.step,
+                                   enabled=run.logging.progress)
+
+    # ---- the loop -------------------------------------------------------------------
+
+    def train(self) -> dict[str, float]:
+        run = self.run
+        # The servers serve exactly the policy being trained (fresh, or restored).
+        self.service.start(version=self.state.policy_version)
+        metrics: dict[str, float] = {}
+        if self.state.step == 0 and run.evaluation.eval_interval >= 0:
+            metrics = evaluate(self.engine, self.task, self.tokenizer, run)
+            self.writer.write(0, metrics)
+        while self.state.step < run.training.train_iters:
+            metrics = self.step()
+        return metrics
+
+    def step(self) -> dict[str, float]:
+        record = StepRecord()
+        started = time.perf_counter()
+        step = self.state.step + 1
+        items = self.next_prompts()
+        samples = self.generate(items, step, record)
+        train_samples = self.prepare(samples, record)
+        self.compute_old_logprobs(train_samples, record)
+        self.update(train_samples, record)
+        self.sync_weights(step, record)
+        self.state.step = step
+        self.maybe_evaluate(step, record)
+        record.scalars["time/step"] = time.perf_counter() - started
+        metrics = self.finish_step(step, record)
+        self.maybe_save(step)
+        return metrics
+
+    def next_prompts(self) -> dict[int, TaskItem]:
+        """This data-parallel rank's prompts of the next rollout batch."""
+        prompts_per_step = self.run.training.global_batch_size // self.rl.rl_group_size
+        items, self.state.data_position = self.task.next_items(
+            self.state.data_position, prompts_per_step
+        )
+        dp_rank, dp_size = data_parallel_info()
+        return shard_prompts(items, dp_rank, dp_size)
+
+    def generate(self, items: dict[int, TaskItem], step: int, record: StepRecord) -> list[RolloutSample]:
+        """Rollout, rewards and advantages on the data group's leader; then shared."""
+        t0 = time.perf_counter()
+        samples: list[RolloutSample] | None = None
+        if self.is_leader:
+            requests = build_requests(items, self.tokenizer, self.rl.rl_group_size)
+            self.progress.start_rollout(len(requests))
+            samples = self.service.generate(requests, f"step{step}",
+                                            on_sample=lambda _: self.progress.rollout_advance())
+            self.service.check_versions(samples, self.rl.rl_weight_version_check)
+            record.add_stats(score_samples(samples, items, self.task, self.tokenizer))
+            record.add_stats(_advantages(samples, self.objective))
+            record.add_stats(_sample_stats(samples))
+        share = RouteShare(self.replay.stage_moe_positions()) if self.want_routes else None
+        samples = share_samples(samples, self.group, self.leader, self.members, share)
+        record.scalars["time/rollout"] = time.perf_counter() - t0
+        return samples
+
+    def prepare(self, samples: list[RolloutSample], record: StepRecord):
+        advantages = torch.tensor([s.metadata["advantage"] for s in samples], dtype=torch.float32)
+        train_samples = to_train_samples(samples, advantages)
+        if not self.want_routes:
+            for s in train_samples:
+                s.routes = None
+        return train_samples
+
+    def compute_old_logprobs(self, samples, record: StepRecord) -> None:
+        """pi_old: R3 replays the rollout's routes, R2 records the trainer's own; both
+        (and no replay) measure how often the trainer agrees with the rollout engine."""
+        t0 = time.perf_counter()
+        mode = {"r3": "replay", "r2": "record"}.get(self.replay_mode, "observe")
+        if mode == "observe" and not self.want_routes:
+            mode = "off"
+        stats = old_logprobs(
+            self.engine, samples, self.layout, replay=self.replay, replay_mode=mode,
+            record_routes=self.replay_mode == "r2", temperature=self.rollout_cfg.temperature,
+        )
+        record.add_stats(stats)
+        record.scalars["time/logprob"] = time.perf_counter() - t0
+
+    def update(self, samples, record: StepRecord) -> None:
+        t0 = time.perf_counter()
+        n = self.rl.num_updates(self.run.training.global_batch_size)
+        mode = "replay" if self.replay_mode in ("r2", "r3") else "off"
+        self.progress.start_updates(n)
+        outcomes = policy_updates(
+            self.engine, samples, self.layout, self.objective, n, replay=self.replay,
+            replay_mode=mode, temperature=self.rollout_cfg.temperature,
+            on_update=self.progress.update_advance,
+        )
+        skipped = 0
+        for u, (result, stats) in enumerate(outcomes):
+            record.add_stats(stats)
+            if "train/staleness_kl" in stats:
+                record.stats[f"train/staleness_kl/update_{u}"] = stats["train/staleness_kl"]
+            skipped += int(result.skipped)
+            record.scalars[f"train/grad_norm/update_{u}"] = result.grad_norm
+        record.scalars["train/grad_norm"] = outcomes[-1][0].grad_norm
+        record.scalars["train/lr"] = outcomes[-1][0].lr
+        record.scalars["train/updates"] = float(n)
+        record.scalars["train/skipped_updates"] = float(skipped)
+        record.scalars["time/update"] = time.perf_counter() - t0
+
+    def sync_weights(self, step: int, record: StepRecord) -> None:
+        t0 = time.perf_counter()
+        self.state.policy_version = step
+        self.service.sync(version=step)
+        record.scalars["time/sync"] = time.perf_counter() - t0
+
+    def maybe_evaluate(self, step: int, record: StepRecord) -> None:
+        interval = self.run.evaluation.eval_interval
+        if (interval and step % interval == 0) or step == self.run.training.train_iters:
+            t0 = time.perf_counter()
+            record.scalars.update(evaluate(self.engine, self.task, self.tokenizer, self.run))
+            record.scalars["time/eval"] = time.perf_counter() - t0
+
+    def finish_step(self, step: int, record: StepRecord) -> dict[str, float]:
+        stats = all_reduce_stats(record.stats)
+        metrics = results(stats)
+        metrics.update(derived_metrics(metrics))
+        metrics.update(record.scalars)
+        metrics["rollout/policy_version"] = float(self.state.policy_version)
+        self.writer.write(step, metrics)
+        self.progress.end_step(step, metrics)
+        return metrics
+
+    def maybe_save(self, step: int) -> None:
+        cp = self.run.checkpoint
+        if cp.save and ((cp.save_interval and step % cp.save_interval == 0)
+                        or step == self.run.training.train_iters):
+            ckpt.save_checkpoint(self.engine, cp.save, step, {
+                "stage": "rl", "data_position": self.state.data_position,
+                "policy_version": self.state.policy_version,
+            }, keep_last=cp.keep_last)
+            if is_rank0():
+                self.tokenizer.save_pretrained(cp.save)
+
+    # ---- set-up and tear-down -------------------------------------------------------
+
+    def _load(self) -> LoopState:
+        """Resume an RL run, or start RL from a cold-start (SFT) checkpoint's weights."""
+        cp = self.run.checkpoint
+        for directory in (cp.save, cp.load):
+            if not directory or ckpt.latest_step(directory) is None:
+                continue
+            common = _peek_common(directory)
+            if common.get("stage") == "rl" and not cp.finetune:
+                common = ckpt.load_checkpoint(self.engine, directory,
+                                              load_optimizer=not cp.no_load_optim,
+                                              load_rng=not cp.no_load_rng)
+                logger.info("resuming RL from step %d (%s)", common["step"], directory)
+                return LoopState(step=common["step"], data_position=common["data_position"],
+                                 policy_version=common["policy_version"])
+            if directory == cp.load:
+                ckpt.load_checkpoint(self.engine, directory, load_optimizer=False,
+                                     load_rng=False)
+                logger.info("starting RL from the weights of %s (stage %s)", directory,
+                            common.get("stage"))
+                return LoopState()
+        return LoopState()
+
+    def close(self) -> None:
+        self.progress.close()
+        self.writer.close()
+        self.service.close()
+
+
+def _peek_common(directory: str) -> dict[str, Any]:
+    import os
+
+    step = ckpt.latest_step(directory)
+    path = os.path.join(directory, f"iter_{step:07d}", "common_state.pt")
+    return torch.load(path, weights_only=False)
+
+
+def _make_replay(engine: MegatronEngine, run: RunConfig):
+    from megatron_rl.replay.router_replay import RoutingReplay
+
+    return RoutingReplay(engine.chunks, run.model)
+
+
+def _advantages(samples: list[RolloutSample], objective: ObjectiveConfig) -> dict[str, Stat]:
+    rewards = torch.tensor([s.reward for s in samples], dtype=torch.float64)
+    groups = torch.tensor([s.prompt_index for s in samples], dtype=torch.long)
+    advantages = compute_advantages(rewards, groups, objective.advantage_estimator(),
+                                    std_eps=objective.rl_advantage_std_eps)
+    for sample, adv in zip(samples, advantages.tolist()):
+        sample.metadata["advantage"] = adv
+    lengths = torch.tensor([len(s.response_ids) for s in samples], dtype=torch.float64)
+    return rollout_stats(rewards, groups, advantages, lengths)
+
+
+def _sample_stats(samples: list[RolloutSample]) -> dict[str, Stat]:
+    latency = torch.tensor([s.latency_s for s in samples], dtype=torch.float64)
+    stops = torch.tensor([1.0 if s.finish_reason == "stop" else 0.0 for s in samples])
+    return {"rollout/latency_mean": Stat.mean(latency),
+            "rollout/latency_max": Stat.extreme(latency, None, "max"),
+            "rollout/stop_frac": Stat.mean(stops)}
+
+
+def _flat_config(run: RunConfig) -> dict[str, Any]:
+    out: dict[str, Any] = {"stage": run.stage}
+    for name in ("model", "parallel", "training", "task"):
+        for key, value in asdict(getattr(run, name)).items():
+            out[f"{name}.{key}"] = value
+    for name, component in run.extra.items():
+        if hasattr(component, "__dataclass_fields__"):
+            for key, value in asdict(component).items():
+                out[f"{name}.{key}"] = value
+    return out
+
+
+__all__ = ["run_rl", "RLLoop", "route_dtype", "ps"]

@@ -1,0 +1,60 @@
+"""Loss functions of the RL passes, in the shape make_forward_step expects.
+
+``old_logprob_pass`` scores the rollout batch with the current weights (pi_old) and
+hands per-sample log-probs back; ``policy_loss`` computes the chosen objective on a
+micro-batch with megatron_rl.loss.compute_loss.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_rl.data.packing import MicroBatch
+from megatron_rl.loss import LossInputs, ObjectiveConfig, compute_loss
+from megatron_rl.metrics.stats import Stat
+from megatron_rl.training.forward_step import LossFn
+from megatron_rl.training.token_logprobs import token_entropy, token_logprobs
+
+
+def old_logprob_pass(temperature: float) -> LossFn:
+    """pi_old of every response token, per sample (index in the mini-batch)."""
+
+    def loss_fn(batch: MicroBatch, logits: torch.Tensor):
+        with torch.no_grad():
+            entropy = token_entropy(logits, temperature)
+            logprobs = token_logprobs(logits, batch.labels, temperature)
+        per_sample = {}
+        mask = batch.loss_mask
+        for local, index in enumerate(batch.sample_index):
+            selected = (batch.sample_ids == local) & mask
+            per_sample[index] = logprobs[selected].float().clone()
+        stats = {"logprob/entropy": Stat.mean(entropy, mask)}
+        return logits.sum() * 0.0, {"logprobs": per_sample, "stats": stats}
+
+    return loss_fn
+
+
+def policy_loss(config: ObjectiveConfig, temperature: float) -> LossFn:
+    """The RL objective of one micro-batch (globally normalised, see forward_step)."""
+
+    def loss_fn(batch: MicroBatch, logits: torch.Tensor):
+        # Entropy first: megatron's vocab-parallel cross-entropy works in place.
+        entropy = token_entropy(logits, temperature)
+        logprobs = token_logprobs(logits, batch.labels, temperature)
+        inputs = LossInputs(
+            logprobs=logprobs.flatten(),
+            old_logprobs=batch.old_logprobs.flatten(),
+            rollout_logprobs=batch.rollout_logprobs.flatten(),
+            advantages=batch.advantages.flatten(),
+            loss_mask=batch.loss_mask.flatten(),
+            sample_ids=batch.sample_ids.flatten().clamp(min=0),
+            num_samples=batch.num_samples,
+            response_lengths=batch.response_lengths,
+            global_num_samples=batch.global_num_samples,
+            global_num_tokens=batch.global_num_tokens,
+            entropy=entropy.flatten(),
+        )
+        output = compute_loss(inputs, config)
+        return output.loss, {"stats": output.stats}
+
+    return loss_fn

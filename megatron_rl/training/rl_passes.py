@@ -1,0 +1,153 @@
+"""The two trainer passes of an RL step: pi_old, then N gradient updates.
+
+Both run megatron-core's pipeline schedule over micro-batches of this rank's samples.
+Routing replay is switched per pass: R3 replays the rollout's routes in both; R2
+records the trainer's routes in the pi_old pass and replays them in the updates; with
+replay off the routers route freely and are only observed (router agreement).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from megatron_rl.data.packing import MicroBatch, Sample, set_global_counts, split_microbatches
+from megatron_rl.loss import ObjectiveConfig
+from megatron_rl.metrics.stats import Stat, merge_stats
+from megatron_rl.training.engine import MegatronEngine, StepResult
+from megatron_rl.training.forward_step import make_forward_step
+from megatron_rl.training.rl_losses import old_logprob_pass, policy_loss
+
+
+@dataclass
+class BatchLayout:
+    """How samples become micro-batches on every rank."""
+
+    micro_batch_size: int
+    seq_length: int
+    pack: bool
+    pad_id: int
+    route_shape: tuple[int, int, int] | None
+    """(stage MoE layers, top-k, experts) when routes travel with the micro-batches."""
+
+
+def _agreed(value: int, op=dist.ReduceOp.MAX) -> int:
+    t = torch.tensor([value], dtype=torch.long)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=op)
+    return int(t.item())
+
+
+def make_batches(samples: list[Sample], layout: BatchLayout, *, with_routes: bool) -> tuple[list[MicroBatch], int]:
+    """Micro-batches of ``samples``; every rank gets the same row length and the same
+    number of micro-batches (expert-parallel dispatch and pipeline exchanges are
+    collective per micro-batch), padding with empty micro-batches where needed."""
+    longest = _agreed(max((s.num_inputs for s in samples), default=1))
+    route_shape = layout.route_shape if with_routes else None
+    batches, length = split_microbatches(
+        samples, layout.micro_batch_size, pad_multiple=8, max_length=layout.seq_length,
+        pack=layout.pack, pad_id=layout.pad_id, route_shape=route_shape, min_length=longest,
+    ) if samples else ([], layout.seq_length)
+    # Same inputs on every rank give the same length; ranks without samples adopt it.
+    length = _agreed(length)
+    count = _agreed(len(batches))
+    while len(batches) < count:
+        batches.append(_empty_batch(layout, length, route_shape, key=len(batches)))
+    return batches, length
+
+
+def _empty_batch(layout: BatchLayout, length: int, route_shape, key: int) -> MicroBatch:
+    from megatron_rl.data.packing import make_microbatch
+
+    return make_microbatch([], pad_to=length, num_rows=layout.micro_batch_size,
+                           pad_id=layout.pad_id, route_shape=route_shape, key=key)
+
+
+def old_logprobs(
+    engine: MegatronEngine,
+    samples: list[Sample],
+    layout: BatchLayout,
+    *,
+    replay=None,
+    replay_mode: str = "off",
+    record_routes: bool = False,
+    temperature: float = 1.0,
+) -> dict[str, Stat]:
+    """Fill ``sample.old_logprobs`` (last pipeline stage) and, when ``record_routes``,
+    ``sample.routes`` with the experts this stage's routers chose (R2)."""
+    batches, length = make_batches(samples, layout, with_routes=replay_mode == "replay"
+                                   or replay_mode == "observe")
+    forward_step = make_forward_step(old_logprob_pass(temperature), replay)
+    context = replay.pass_mode(replay_mode) if replay is not None else _null()
+    with context:
+        outputs = engine.forward_only(forward_step, batches, seq_length=length,
+                                      micro_batch_size=layout.micro_batch_size)
+        if record_routes and replay is not None:
+            for batch in batches:
+                recorded = replay.take_recorded(batch.key)
+                for local, index in enumerate(batch.sample_index):
+                    samples[index].routes = recorded[batch.sample_ids == local].contiguous()
+    for out in outputs:
+        for index, logprobs in out["logprobs"].items():
+            samples[index].old_logprobs = logprobs
+    stats = merge_stats([o["stats"] for o in outputs])
+    if replay is not None:
+        stats.update(replay.stats())
+    return stats
+
+
+def policy_updates(
+    engine: MegatronEngine,
+    samples: list[Sample],
+    layout: BatchLayout,
+    objective: ObjectiveConfig,
+    num_updates: int,
+    *,
+    replay=None,
+    replay_mode: str = "off",
+    temperature: float = 1.0,
+    on_update=None,
+) -> list[tuple[StepResult, dict[str, Stat]]]:
+    """N gradient updates on consecutive mini-batches of this rank's samples."""
+    per_update = len(samples) // num_updates
+    results = []
+    for u in range(num_updates):
+        mini = samples[u * per_update : (u + 1) * per_update]
+        for i, sample in enumerate(mini):
+            sample.index = i
+        num_samples = _agreed(len(mini), dist.ReduceOp.SUM) // _dp_replicas()
+        num_tokens = _agreed(sum(s.response_len for s in mini), dist.ReduceOp.SUM) // _dp_replicas()
+        batches, length = make_batches(mini, layout, with_routes=replay_mode in ("replay", "observe"))
+        set_global_counts(batches, num_samples, num_tokens)
+        forward_step = make_forward_step(policy_loss(objective, temperature), replay)
+        context = replay.pass_mode(replay_mode) if replay is not None else _null()
+        with context:
+            result = engine.train_step(forward_step, batches, seq_length=length,
+                                       micro_batch_size=layout.micro_batch_size,
+                                       loss_of=lambda out: out["loss"])
+        stats = merge_stats([o["stats"] for o in result.outputs])
+        if replay is not None:
+            stats.update(replay.stats())
+        results.append((result, stats))
+        if on_update is not None:
+            on_update(u)
+    for i, sample in enumerate(samples):
+        sample.index = i
+    return results
+
+
+def _dp_replicas() -> int:
+    """Ranks that hold the same samples (a world-wide SUM counts each sample this often)."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return world // ps.get_data_parallel_world_size()
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,141 @@
+"""The trainer's side of the rollout servers: start, generate, check, sync, stop.
+
+Without ``--rl-rollout-url`` global rank 0 starts the embedded SGLang-compatible
+server(s) on the policy's exported weights. Each data group's leader holds a client.
+After every step the policy is exported in Hugging Face format (collective: sharded
+weights are gathered) and rank 0 asks every server to load it with the step as the
+new ``weight_version``; every rollout sample must then carry that version.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from typing import Callable
+
+import torch.distributed as dist
+
+from megatron_rl.rollout.client import RolloutClient, RolloutRequest
+from megatron_rl.rollout.config import RolloutConfig
+from megatron_rl.rollout.launcher import start_embedded_servers
+from megatron_rl.rollout.types import RolloutSample
+from megatron_rl.training.engine import MegatronEngine
+from megatron_rl.weight_sync.sync import WeightSync
+
+logger = logging.getLogger(__name__)
+
+
+class WeightVersionError(RuntimeError):
+    """A rollout sample was generated with weights other than the trainer's policy."""
+
+
+class RolloutService:
+    """Servers, client and weight sync of one rank (most of it lives on rank 0 and on
+    the data-group leaders; every rank takes part in the collective export)."""
+
+    def __init__(
+        self,
+        engine: MegatronEngine,
+        run,
+        config: RolloutConfig,
+        tokenizer,
+        *,
+        return_routed_experts: bool,
+        is_leader: bool,
+        sync_dir: str | None,
+        keep_versions: int,
+    ) -> None:
+        self.engine, self.run, self.config, self.tokenizer = engine, run, config, tokenizer
+        self.return_routed_experts = return_routed_experts
+        self.is_leader = is_leader
+        self.rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        self._tmp = None
+        if sync_dir is None:
+            if run.checkpoint.save:
+                sync_dir = os.path.join(run.checkpoint.save, "weights")
+            else:
+                self._tmp = tempfile.mkdtemp(prefix="megatron_rl_weights_")
+                sync_dir = self._tmp
+        self.sync_dir = sync_dir
+        self.weights = WeightSync(engine, run.model, tokenizer, sync_dir, keep=keep_versions)
+        self.servers = []
+        self.client: RolloutClient | None = None
+        self.version: str | None = None
+
+    def start(self, version: int) -> None:
+        """Export the current policy, start or update the servers, connect the clients."""
+        path = self.weights.export(str(version))
+        urls = list(self.config.urls)
+        if not urls:
+            if self.rank0:
+                self.servers = start_embedded_servers(path, self.config,
+                                                      extra_args=["--weight-version", str(version)])
+                urls = [s.url for s in self.servers]
+            urls = _broadcast(urls)
+        if self.is_leader:
+            self.client = RolloutClient.from_config(
+                self.config, self.run.model, urls=urls,
+                return_routed_experts=self.return_routed_experts,
+            )
+            self.client.check_servers(self.run.model,
+                                      require_routed_experts=self.return_routed_experts)
+        if self.config.urls and self.rank0:
+            # External servers hold whatever they were started with: push this policy.
+            self._update_servers(path, str(version))
+        self._set_version(str(version))
+
+    def generate(self, requests: list[RolloutRequest], batch_id: str,
+                 on_sample: Callable[[RolloutSample], None] | None = None) -> list[RolloutSample]:
+        assert self.client is not None, "only data-group leaders generate"
+        return self.client.generate_batch(requests, batch_id, on_sample=on_sample)
+
+    def check_versions(self, samples: list[RolloutSample], policy: str) -> None:
+        """Every sample must come from the weights the trainer last synced."""
+        if policy == "off":
+            return
+        stale = [s for s in samples if s.weight_version != self.version]
+        if not stale:
+            return
+        first = stale[0]
+        message = (f"{len(stale)} of {len(samples)} rollout samples were generated with weight "
+                   f"version {first.weight_version!r} (e.g. {first.request_id} from "
+                   f"{first.server_url}), but the trainer's policy is version {self.version!r}")
+        if policy == "strict":
+            raise WeightVersionError(message)
+        logger.warning(message)
+
+    def sync(self, version: int) -> None:
+        """Export the updated policy and load it on every server (collective)."""
+        path = self.weights.export(str(version))
+        if self.rank0:
+            self._update_servers(path, str(version))
+        self._set_version(str(version))
+
+    def _update_servers(self, path: str, version: str) -> None:
+        client = self.client or RolloutClient.from_config(self.config, self.run.model,
+                                                          urls=[s.url for s in self.servers])
+        client.update_weights_from_disk(path, version)
+
+    def _set_version(self, version: str) -> None:
+        if dist.is_initialized():
+            dist.barrier()  # rank 0 has updated every server
+        self.version = version
+        if self.client is not None:
+            self.client.weight_version = version
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.stop()
+        self.servers = []
+        if self._tmp:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def _broadcast(urls: list[str]) -> list[str]:
+    if not dist.is_initialized():
+        return urls
+    box = [urls]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
