@@ -9,10 +9,11 @@ group is created, with one message naming the flags involved.
 from __future__ import annotations
 
 import argparse
-import inspect
 import dataclasses
+import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Literal
 
 from megatron_rl.config.flags import ConfigError, add_config_flags, config_from_flags
 from megatron_rl.data.tasks import TaskConfig
@@ -50,7 +51,7 @@ class RunConfig:
             _validate_component(component, self, world_size)
 
 
-def _validate_component(component, run: "RunConfig", world_size: int) -> None:
+def _validate_component(component, run: RunConfig, world_size: int) -> None:
     """Call ``component.validate`` with whichever of (run, world_size) it takes."""
     check = getattr(component, "validate", None)
     if check is None:
@@ -60,8 +61,18 @@ def _validate_component(component, run: "RunConfig", world_size: int) -> None:
     check(**{name: value for name, value in offered.items() if name in params})
 
 
-# Component configs that register themselves here are parsed too (name -> class).
-EXTRA_CONFIGS: dict[str, type] = {}
+def _component_configs() -> dict[str, type]:
+    """The RL components' configs (name -> class), parsed into ``RunConfig.extra``."""
+    from megatron_rl.loss import ObjectiveConfig
+    from megatron_rl.replay.config import ReplayConfig
+    from megatron_rl.rollout.config import RolloutConfig
+    from megatron_rl.training.rl_config import RLConfig
+
+    return {"rl": RLConfig, "objective": ObjectiveConfig, "replay": ReplayConfig,
+            "rollout": RolloutConfig}
+
+
+EXTRA_CONFIGS: dict[str, type] = _component_configs()
 
 _GROUPS: tuple[tuple[str, type, str], ...] = (
     ("model", ModelConfig, "model"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 from rich.console import Console
@@ -15,6 +16,8 @@ from rich.progress import (
 )
 
 from megatron_rl.distributed import is_rank0
+
+logger = logging.getLogger(__name__)
 
 # Figures shown on the per-step line: metric name -> label.
 STEP_LINE = (
@@ -73,7 +76,10 @@ class RLProgress:
             self._progress.advance(self.update)
 
     def end_step(self, step: int, metrics: dict[str, float]) -> None:
+        if not is_rank0():
+            return
         if not self.enabled:
+            logger.info(format_step_line(step, metrics))
             return
         self._progress.advance(self.steps)
         self.console.print(format_step_line(step, metrics))

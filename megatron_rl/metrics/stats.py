@@ -30,7 +30,7 @@ class Stat:
     reduction: Reduction = "mean"
 
     @staticmethod
-    def mean(values: torch.Tensor, mask: torch.Tensor | None = None) -> "Stat":
+    def mean(values: torch.Tensor, mask: torch.Tensor | None = None) -> Stat:
         values = values.detach().double()
         if mask is not None:
             mask = mask.detach().to(values.dtype)
@@ -38,7 +38,7 @@ class Stat:
         return Stat(float(values.sum()), float(values.numel()), "mean")
 
     @staticmethod
-    def extreme(values: torch.Tensor, mask: torch.Tensor | None, reduction: Reduction) -> "Stat":
+    def extreme(values: torch.Tensor, mask: torch.Tensor | None, reduction: Reduction) -> Stat:
         values = values.detach().double()
         if mask is not None:
             values = values[mask.detach().bool()]
@@ -47,7 +47,7 @@ class Stat:
         value = values.max() if reduction == "max" else values.min()
         return Stat(float(value), float(values.numel()), reduction)
 
-    def merge(self, other: "Stat") -> "Stat":
+    def merge(self, other: Stat) -> Stat:
         if self.reduction != other.reduction:
             raise ValueError(f"cannot merge a {self.reduction} stat with a {other.reduction} stat")
         if self.reduction in ("mean", "sum"):

@@ -116,7 +116,7 @@ class ModelConfig:
             raise ConfigError(f"--num-experts {self.num_experts} exceeds 32767")
         self.moe_layer_pattern()
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
 

@@ -37,10 +37,11 @@ from megatron.core.transformer.transformer_layer import (
     get_transformer_layer_offset,
 )
 
-from megatron_rl.config.flags import ConfigError
 from megatron_rl.distributed import ParallelConfig
 from megatron_rl.model.config import ModelConfig
 from megatron_rl.model.norm import RMSNorm
+from megatron_rl.replay.binding import forget_global_instances
+from megatron_rl.replay.config import check_model_supports_replay
 
 
 def transformer_engine_available() -> bool:
@@ -61,19 +62,14 @@ def transformer_config(
     routing_replay: bool = False,
     use_te: bool | None = None,
 ) -> TransformerConfig:
-    """megatron-core's TransformerConfig for this model and layout."""
+    """megatron-core's TransformerConfig for this model and layout.
+
+    ``routing_replay``: the routers will replay routes (R2/R3); settings under which the
+    replay cannot be exact are refused (replay.config.check_model_supports_replay)."""
     model.validate()
     use_te = transformer_engine_available() if use_te is None else use_te
-    if model.moe_router_fusion and routing_replay:
-        raise ConfigError(
-            "--moe-router-fusion cannot be combined with routing replay: the fused router "
-            "skips megatron-core's replay hook and would silently route freely"
-        )
-    if model.moe_token_dispatcher_type == "flex" and routing_replay:
-        raise ConfigError(
-            "--moe-token-dispatcher-type flex recomputes top-k from the probabilities and "
-            "can undo replayed routes; use allgather or alltoall with routing replay"
-        )
+    if routing_replay:
+        check_model_supports_replay(model)
     dtype = torch.bfloat16 if bf16 else torch.float32
     recompute = model.recompute_granularity
     return TransformerConfig(
@@ -94,7 +90,9 @@ def transformer_config(
         moe_router_pre_softmax=False,
         moe_router_score_function="softmax",
         moe_router_fusion=model.moe_router_fusion,
-        moe_enable_routing_replay=routing_replay,
+        # Always on: every TopKRouter then gets a RouterReplay, through which
+        # replay.RoutingReplay records, replays or merely observes the routes.
+        moe_enable_routing_replay=True,
         moe_grouped_gemm=use_te,
         moe_permute_fusion=False,
         normalization="RMSNorm",
@@ -220,6 +218,9 @@ def build_model(
         if bf16:
             chunk = chunk.to(torch.bfloat16)
         chunks.append(chunk)
+    # megatron lists every RouterReplay in a process-global list; ours are driven by
+    # layer identity (replay.RoutingReplay), so they must not accumulate there.
+    forget_global_instances(chunks)
     return chunks
 
 

@@ -142,7 +142,7 @@ def _adapt_optimizer_state(loaded: dict, engine: MegatronEngine) -> dict:
     single = not isinstance(live, list)
     parts = [loaded] if single else [loaded[i] for i in range(len(live_parts))]
     step = _find_common_step(loaded)
-    for part, live_part in zip(parts, live_parts):
+    for part, live_part in zip(parts, live_parts, strict=True):
         groups = part.get("param_groups", [])
         if len(groups) != len(live_part["param_groups"]) or any(
             "lr" not in g for g in groups
@@ -150,7 +150,8 @@ def _adapt_optimizer_state(loaded: dict, engine: MegatronEngine) -> dict:
             part["param_groups"] = [
                 {**lg, "params": g.get("params", lg["params"])} if i < len(groups) else dict(lg)
                 for i, (lg, g) in enumerate(
-                    zip(live_part["param_groups"], groups + [{}] * len(live_part["param_groups"]))
+                    zip(live_part["param_groups"], groups + [{}] * len(live_part["param_groups"]),
+                        strict=False)
                 )
             ]
         state = part.setdefault("state", {})

@@ -31,8 +31,8 @@ def evaluate(engine: MegatronEngine, task: Task, tokenizer, run) -> dict[str, fl
         eos_id=tokenizer.eos_token_id, micro_batch_size=run.evaluation.eval_micro_batch_size,
     )
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in outputs]
-    scores = [task.score(text, item) for text, item in zip(texts, items)]
-    for text, item in list(zip(texts, items))[:3]:
+    scores = [task.score(text, item) for text, item in zip(texts, items, strict=True)]
+    for text, item in list(zip(texts, items, strict=True))[:3]:
         logger.info("eval sample: %r -> %r (reference %r)", item.prompt, text, item.answer)
     return {"eval/accuracy": sum(scores) / len(scores),
             "eval/response_length_mean": sum(len(o) for o in outputs) / len(outputs)}

@@ -12,8 +12,9 @@ summed gradients by 1.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
 from functools import partial
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Protocol
 
 import torch
 from megatron.core import parallel_state as ps
@@ -25,7 +26,11 @@ LossFn = Callable[[MicroBatch, torch.Tensor], tuple[torch.Tensor, dict[str, Any]
 
 
 class ReplayHook(Protocol):
-    """What routing replay needs from the forward step (see megatron_rl.replay)."""
+    """What routing replay needs from the forward step (see megatron_rl.replay and
+    docs/replay.md): ``microbatch(batch, model)`` is entered around the model chunk's
+    forward of ``batch`` (routes keyed by ``batch.key``), and ``mark_output(output,
+    batch)`` is called on that forward's output right after, before anything else runs
+    (it hooks the backward so a recomputed forward replays the same micro-batch)."""
 
     def microbatch(self, batch: MicroBatch, model: torch.nn.Module) -> contextlib.AbstractContextManager: ...
 

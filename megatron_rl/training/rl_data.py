@@ -10,6 +10,7 @@ of its pipeline stage), so no rank holds the routes of the whole data-parallel b
 from __future__ import annotations
 
 import dataclasses
+
 import torch
 import torch.distributed as dist
 
@@ -80,7 +81,7 @@ def _with_routes(sample: RolloutSample, share: RouteShare | None) -> RolloutSamp
 def to_train_samples(samples: list[RolloutSample], advantages: torch.Tensor) -> list[Sample]:
     """Trainer-side samples, in the order given (their index is their position)."""
     out = []
-    for i, (s, adv) in enumerate(zip(samples, advantages.tolist())):
+    for i, (s, adv) in enumerate(zip(samples, advantages.tolist(), strict=True)):
         out.append(
             Sample(
                 tokens=list(s.prompt_ids) + list(s.response_ids),

@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state as ps
 
 from megatron_rl.advantages import compute_advantages, rollout_stats
 from megatron_rl.arguments import RunConfig
@@ -25,9 +24,7 @@ from megatron_rl.metrics.progress import RLProgress
 from megatron_rl.metrics.stats import Stat, all_reduce_stats, merge_stats, results
 from megatron_rl.metrics.writer import MetricsWriter
 from megatron_rl.model.tokenizer import load_tokenizer
-from megatron_rl.replay.routes import route_dtype
 from megatron_rl.rewards import score_samples
-from megatron_rl.rollout.client import RolloutClient
 from megatron_rl.rollout.config import RolloutConfig
 from megatron_rl.rollout.types import RolloutSample
 from megatron_rl.training import checkpoint as ckpt
@@ -37,8 +34,8 @@ from megatron_rl.training.rl_config import RLConfig
 from megatron_rl.training.rl_data import (
     RouteShare,
     build_requests,
-    share_samples,
     shard_prompts,
+    share_samples,
     to_train_samples,
 )
 from megatron_rl.training.rl_passes import BatchLayout, old_logprobs, policy_updates
@@ -223,7 +220,7 @@ class RLLoop:
     def sync_weights(self, step: int, record: StepRecord) -> None:
         t0 = time.perf_counter()
         self.state.policy_version = step
-        self.service.sync(version=step)
+        record.scalars.update(self.service.sync(version=step))
         record.scalars["time/sync"] = time.perf_counter() - t0
 
     def maybe_evaluate(self, step: int, record: StepRecord) -> None:
@@ -303,7 +300,7 @@ def _advantages(samples: list[RolloutSample], objective: ObjectiveConfig) -> dic
     groups = torch.tensor([s.prompt_index for s in samples], dtype=torch.long)
     advantages = compute_advantages(rewards, groups, objective.advantage_estimator(),
                                     std_eps=objective.rl_advantage_std_eps)
-    for sample, adv in zip(samples, advantages.tolist()):
+    for sample, adv in zip(samples, advantages.tolist(), strict=True):
         sample.metadata["advantage"] = adv
     lengths = torch.tensor([len(s.response_ids) for s in samples], dtype=torch.float64)
     return rollout_stats(rewards, groups, advantages, lengths)
@@ -329,4 +326,4 @@ def _flat_config(run: RunConfig) -> dict[str, Any]:
     return out
 
 
-__all__ = ["run_rl", "RLLoop", "route_dtype", "ps"]
+__all__ = ["run_rl", "RLLoop"]

@@ -13,7 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
-from typing import Callable
+from collections.abc import Callable
 
 import torch.distributed as dist
 
@@ -60,6 +60,7 @@ class RolloutService:
                 sync_dir = self._tmp
         self.sync_dir = sync_dir
         self.weights = WeightSync(engine, run.model, tokenizer, sync_dir, keep=keep_versions)
+        """Rank 0 gets the client once it exists (start); the others only export."""
         self.servers = []
         self.client: RolloutClient | None = None
         self.version: str | None = None
@@ -71,7 +72,7 @@ class RolloutService:
         if not urls:
             if self.rank0:
                 self.servers = start_embedded_servers(path, self.config,
-                                                      extra_args=["--weight-version", str(version)])
+                                                      weight_version=str(version))
                 urls = [s.url for s in self.servers]
             urls = _broadcast(urls)
         if self.is_leader:
@@ -81,10 +82,12 @@ class RolloutService:
             )
             self.client.check_servers(self.run.model,
                                       require_routed_experts=self.return_routed_experts)
-        if self.config.urls and self.rank0:
+        if self.rank0:
+            self.weights.client = self.client
+        if self.config.urls:
             # External servers hold whatever they were started with: push this policy.
-            self._update_servers(path, str(version))
-        self._set_version(str(version))
+            self.weights.sync(str(version))
+        self._note(str(version))
 
     def generate(self, requests: list[RolloutRequest], batch_id: str,
                  on_sample: Callable[[RolloutSample], None] | None = None) -> list[RolloutSample]:
@@ -106,24 +109,19 @@ class RolloutService:
             raise WeightVersionError(message)
         logger.warning(message)
 
-    def sync(self, version: int) -> None:
+    def sync(self, version: int) -> dict[str, float]:
         """Export the updated policy and load it on every server (collective)."""
-        path = self.weights.export(str(version))
-        if self.rank0:
-            self._update_servers(path, str(version))
-        self._set_version(str(version))
+        result = self.weights.sync(str(version))
+        self._note(str(version))
+        return {"time/sync_export": result.export_s, "time/sync_update": result.update_s,
+                "sync/megabytes": result.bytes / 1e6}
 
-    def _update_servers(self, path: str, version: str) -> None:
-        client = self.client or RolloutClient.from_config(self.config, self.run.model,
-                                                          urls=[s.url for s in self.servers])
-        client.update_weights_from_disk(path, version)
-
-    def _set_version(self, version: str) -> None:
-        if dist.is_initialized():
-            dist.barrier()  # rank 0 has updated every server
+    def _note(self, version: str) -> None:
         self.version = version
         if self.client is not None:
-            self.client.weight_version = version
+            # Leaders other than rank 0 learn of the update here; with the path they can
+            # reload it on a server that restarts.
+            self.client.note_weights(version, str(self.weights.path_of(version)))
 
     def close(self) -> None:
         for server in self.servers:

@@ -22,8 +22,8 @@ from megatron_rl.metrics.writer import MetricsWriter
 from megatron_rl.model.tokenizer import load_tokenizer
 from megatron_rl.training import checkpoint as ckpt
 from megatron_rl.training.engine import MegatronEngine, data_parallel_info
-from megatron_rl.training.forward_step import make_forward_step, sft_loss
 from megatron_rl.training.evaluation import encode_item, evaluate
+from megatron_rl.training.forward_step import make_forward_step, sft_loss
 
 logger = logging.getLogger(__name__)
 

@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-
-from conftest import WORKERS
+from torchrun_launch import WORKERS
 
 WORKER = WORKERS / "train_layout.py"
 
@@ -16,7 +15,7 @@ def test_roundtrip_is_exact_and_resume_continues_identically(torchrun, tmp_path)
     full = torchrun(WORKER, 1, ["--steps", "3", "--save", str(ckpt), "--save-at", "1"],
                     tmp_path / "full")[0]
     saver = torchrun(WORKER, 1, ["--steps", "1", "--dump"], tmp_path / "saver")[0]
-    loaded = torchrun(WORKER, 1, ["--steps", "0", "--load", str(ckpt), "--dump"],
+    torchrun(WORKER, 1, ["--steps", "0", "--load", str(ckpt), "--dump"],
                       tmp_path / "loaded")[0]
     assert saver["losses"] == full["losses"][:1]
     before = torch.load(tmp_path / "saver" / "dump0.pt", weights_only=False)

@@ -3,8 +3,8 @@ log-probs to padding and sequence packing."""
 
 import pytest
 import torch
+from torchrun_launch import WORKERS
 
-from conftest import WORKERS
 from megatron_rl.data.packing import Sample, split_microbatches
 from megatron_rl.replay.routes import padding_routes
 

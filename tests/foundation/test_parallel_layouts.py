@@ -7,8 +7,7 @@ the optimiser update itself is layout-independent.
 """
 
 import pytest
-
-from conftest import WORKERS
+from torchrun_launch import WORKERS
 
 WORKER = WORKERS / "train_layout.py"
 # fp32 on CPU: reductions in a different order differ by a few ulps.
@@ -28,7 +27,7 @@ LAYOUTS = {
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    from conftest import run_torchrun
+    from torchrun_launch import run_torchrun
 
     base = tmp_path_factory.mktemp("reference")
     ckpt = base / "ckpt"
