@@ -1,0 +1,90 @@
+"""``--routing-replay``: which experts the trainer's MoE routers use in each RL pass.
+
+R2 records the experts the trainer itself picks while it computes pi_old and replays
+them in every gradient update on that batch; R3 replays the experts the inference
+engine picked while generating, in the pi_old pass and in every update. Either way the
+gate weights of the fixed experts are recomputed from the live router logits, so the
+router keeps learning. The reference and evaluation passes always route freely.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from megatron_rl.config.flags import ConfigError
+from megatron_rl.model.config import ModelConfig
+
+if TYPE_CHECKING:
+    from megatron_rl.arguments import RunConfig
+
+ReplayMode = Literal["none", "r2", "r3"]
+PassMode = Literal["record", "replay", "observe", "off"]
+PASS_MODES: tuple[str, ...] = ("record", "replay", "observe", "off")
+"""What :meth:`RoutingReplay.pass_mode` accepts:
+
+* ``record``: route freely and keep each MoE layer's top-k per micro-batch (R2 pi_old);
+* ``replay``: use the micro-batch's routes (R3 pi_old, R2/R3 updates);
+* ``observe``: route freely, only compare with the micro-batch's routes (no replay);
+* ``off``: route freely, measure nothing (reference and evaluation passes).
+"""
+
+
+@dataclass(kw_only=True, frozen=True)
+class ReplayConfig:
+    """Routing replay for the MoE layers (paper: R2 / R3)."""
+
+    routing_replay: ReplayMode = "none"
+    """none: routers choose freely in every pass; r2: replay, in every gradient update,
+    the experts the trainer chose when it computed pi_old; r3: replay the experts the
+    inference engine chose (returned with each rollout), in the pi_old pass and in every
+    update. Gate weights always come from the live router logits."""
+
+    def validate(self, run: RunConfig | ModelConfig) -> None:
+        """Refuse, at start-up, model settings under which the replay cannot be exact."""
+        model = run if isinstance(run, ModelConfig) else run.model
+        if self.routing_replay != "none":
+            check_model_supports_replay(model, flag=f"--routing-replay {self.routing_replay}")
+
+    @property
+    def needs_rollout_routes(self) -> bool:
+        """R3 replays the inference engine's routes: rollouts must return them."""
+        return self.routing_replay == "r3"
+
+    def old_logprob_mode(self, have_rollout_routes: bool) -> PassMode:
+        """Mode of the pi_old pass: R3 replays the rollout's routes, R2 records the
+        trainer's own; without replay the routers are only observed when the rollout
+        returned routes to compare with."""
+        if self.routing_replay == "r3":
+            return "replay"
+        if self.routing_replay == "r2":
+            return "record"
+        return "observe" if have_rollout_routes else "off"
+
+    def update_mode(self, have_routes: bool = False) -> PassMode:
+        """Mode of the gradient updates: R2 and R3 replay; without replay the routers
+        route freely (observed when the micro-batches carry routes)."""
+        if self.routing_replay in ("r2", "r3"):
+            return "replay"
+        return "observe" if have_routes else "off"
+
+
+def check_model_supports_replay(model: ModelConfig, *, flag: str = "routing replay") -> None:
+    """Raise :class:`ConfigError` for a model whose routers cannot replay exactly."""
+    if model.num_experts < 1 or model.num_moe_layers == 0:
+        raise ConfigError(
+            f"{flag} needs MoE layers, but --moe-layer-freq {model.moe_layer_freq!r} makes "
+            f"every one of the {model.num_layers} layers dense"
+        )
+    if model.moe_router_fusion:
+        raise ConfigError(
+            f"{flag} cannot be combined with --moe-router-fusion: Transformer Engine's fused "
+            "router computes top-k itself and never consults megatron-core's RouterReplay, "
+            "so the routers would silently route freely"
+        )
+    if model.moe_token_dispatcher_type == "flex":
+        raise ConfigError(
+            f"{flag} cannot be combined with --moe-token-dispatcher-type flex: the flex "
+            "(DeepEP) dispatcher recomputes top-k from the probabilities and can undo the "
+            "replayed experts; use allgather or alltoall"
+        )
