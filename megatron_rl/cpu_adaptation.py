@@ -33,7 +33,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -141,7 +142,7 @@ class _NoStream:
     def synchronize(self) -> None:
         pass
 
-    def record_event(self, event: Any = None) -> "_NoEvent":
+    def record_event(self, event: Any = None) -> _NoEvent:
         return _NoEvent()
 
     def query(self) -> bool:

@@ -34,6 +34,10 @@ class TaskConfig:
     rl_reward_function: str | None = None
     """A user reward function as module:function(response_text, item) -> float; default is
     the task's own scorer."""
+    rl_binary_reward: bool = True
+    """Reward 1 for a response the scorer fully accepts, else 0 (the paper's binary
+    reward); off: the scorer's own value, which for reasoning-gym includes partial credit
+    for answers that merely contain the reference."""
 
     def validate(self) -> None:
         if "{question}" not in self.rl_prompt_template:
@@ -102,8 +106,12 @@ class Task:
     def score(self, response: str, item: TaskItem) -> float:
         """Reward of a response: the user's function or the task's own scorer."""
         if self._reward_fn is not None:
-            return float(self._reward_fn(response, item))
-        return float(self._score(response.strip(), item.entry))
+            score = float(self._reward_fn(response, item))
+        else:
+            score = float(self._score(response.strip(), item.entry))
+        if self.config.rl_binary_reward:
+            return 1.0 if score >= 1.0 else 0.0
+        return score
 
 
 def _reasoning_gym_task(config: TaskConfig, seed: int):

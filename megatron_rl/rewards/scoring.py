@@ -23,9 +23,11 @@ def score_samples(
 ) -> dict[str, Stat]:
     """Set ``sample.reward`` for every sample (``items`` maps prompt_index -> item).
 
-    Returns statistics: reward failures and truncated (length-capped) responses."""
+    Returns statistics: reward failures, truncated (length-capped) responses and fully
+    correct responses (reward 1; scorers may give partial credit below it)."""
     failures = 0
     truncated = 0
+    correct = 0
     for sample in samples:
         item = items[sample.prompt_index]
         text = tokenizer.decode(sample.response_ids, skip_special_tokens=True)
@@ -37,10 +39,12 @@ def score_samples(
             sample.reward = 0.0
             sample.metadata["reward_error"] = repr(exc)
             logger.warning("reward of %s failed on %r: %r", sample.request_id, text[:80], exc)
+        correct += int(sample.reward >= 1.0)
         if sample.finish_reason == "length":
             truncated += 1
     n = float(len(samples))
     return {
         "rollout/reward_failure_frac": Stat(float(failures), n, "mean"),
         "rollout/truncated_frac": Stat(float(truncated), n, "mean"),
+        "rollout/correct_frac": Stat(float(correct), n, "mean"),
     }

@@ -34,7 +34,10 @@ def evaluate(engine: MegatronEngine, task: Task, tokenizer, run) -> dict[str, fl
     scores = [task.score(text, item) for text, item in zip(texts, items, strict=True)]
     for text, item in list(zip(texts, items, strict=True))[:3]:
         logger.info("eval sample: %r -> %r (reference %r)", item.prompt, text, item.answer)
-    return {"eval/accuracy": sum(scores) / len(scores),
+    # Accuracy counts fully correct answers; a scorer's partial credit (reasoning-gym gives
+    # some for answers that merely contain the reference) shows in eval/score_mean.
+    return {"eval/accuracy": sum(1.0 for s in scores if s >= 1.0) / len(scores),
+            "eval/score_mean": sum(scores) / len(scores),
             "eval/response_length_mean": sum(len(o) for o in outputs) / len(outputs)}
 
 

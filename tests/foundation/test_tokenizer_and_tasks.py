@@ -50,13 +50,20 @@ def test_task_scores_with_reasoning_gym():
     assert task.score(item.answer, item) == 1.0
     assert task.score(" " + item.answer + " ", item) == 1.0
     assert task.score("not a number", item) == 0.0
+    # reasoning-gym gives partial credit to an answer containing the reference; the
+    # binary reward (default, as in the paper) does not.
+    padded = "1" + item.answer
+    partial = Task(TaskConfig(rl_binary_reward=False), seed=1)
+    assert 0.0 < partial.score(padded, item) < 1.0
+    assert task.score(padded, item) == 0.0
 
 
 def test_jsonl_task_and_user_reward(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_text("\n".join(json.dumps({"prompt": f"q{i}", "answer": str(i)}) for i in range(6)))
     task = Task(TaskConfig(rl_task=str(path), rl_eval_size=2,
-                           rl_reward_function="tests.foundation.rewards_fixture:length_reward"),
+                           rl_reward_function="tests.foundation.rewards_fixture:length_reward",
+                           rl_binary_reward=False),
                 seed=0)
     items, _ = task.next_items(0, 4)
     assert [i.prompt for i in items] == ["q2 ", "q3 ", "q4 ", "q5 "]

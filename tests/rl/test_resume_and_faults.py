@@ -1,0 +1,78 @@
+"""A run killed with SIGKILL resumes to exactly the metrics of an uninterrupted run; a
+non-finite loss skips the update and never reaches the weights."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from rl_fixtures import TINY_RL, launch, read_metrics, steps
+from safetensors.torch import load_file
+from torchrun_launch import ROOT, free_port
+
+RUN = TINY_RL + ["--expert-model-parallel-size", "2", "--train-iters", "4",
+                 "--save-interval", "2", "--routing-replay", "r3",
+                 "--rl-mini-batch-size", "8", "--eval-interval", "2", "--rl-rollout-seed", "7"]
+# Wall-clock figures differ between runs; everything else must not.
+VOLATILE = ("time/", "rollout/latency", "sync/")
+
+
+def _stable(row: dict) -> dict:
+    return {k: v for k, v in row.items() if not k.startswith(VOLATILE)}
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_reproduces_the_uninterrupted_run(coldstart, tmp_path):
+    reference = tmp_path / "reference"
+    launch(2, RUN + ["--load", str(coldstart), "--save", str(reference)])
+
+    killed = tmp_path / "killed"
+    args = RUN + ["--load", str(coldstart), "--save", str(killed)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+           str(ROOT / "pretrain_rl.py"), *args]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    # A session of its own: the kill reaches torchrun, both trainers and the rollout server.
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        tracker = killed / "latest_checkpointed_iteration.txt"
+        while time.monotonic() < deadline and proc.poll() is None:
+            if tracker.is_file() and tracker.read_text().strip() == "2":
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.5)  # into step 3
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert max(steps(read_metrics(killed))) < 4
+
+    launch(2, args)  # resumes from the step-2 checkpoint in --save
+    want, got = steps(read_metrics(reference)), steps(read_metrics(killed))
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert _stable(got[step]) == _stable(want[step]), f"step {step} differs after resume"
+    assert "eval/accuracy" in got[4]
+
+
+@pytest.mark.slow
+def test_non_finite_loss_skips_updates_and_keeps_weights(coldstart, tmp_path):
+    save = tmp_path / "nan"
+    launch(1, TINY_RL + ["--train-iters", "2", "--load", str(coldstart), "--save", str(save),
+                         "--rl-objective", "tests.rl.nan_objective:objective",
+                         "--rl-mini-batch-size", "8", "--rl-keep-weight-versions", "3"])
+    rows = steps(read_metrics(save))
+    assert [rows[s]["train/skipped_updates"] for s in (1, 2)] == [2.0, 2.0]
+    versions = [load_file(str(next((save / "weights" / f"v{v}").glob("*.safetensors"))))
+                for v in (0, 1, 2)]
+    assert versions[0].keys() == versions[2].keys()
+    for name, tensor in versions[0].items():
+        assert torch.equal(tensor, versions[1][name]) and torch.equal(tensor, versions[2][name])
