@@ -60,18 +60,19 @@ def _spread(ratios: list[float]) -> str:
 
 
 def _instrument(replay) -> list[float]:
-    """Accumulate the wall time spent in the replay's own code during a pass (its
+    """Accumulate the CPU time spent in the replay's own code during a pass (its
     forward-step hooks, each router's get_replay_topk -- which includes megatron's top-k or
-    gather it replaces -- and the fidelity hooks): a noise-free view of its cost."""
+    gather it replaces -- and the fidelity hooks): a view of its cost that other jobs on
+    the machine barely disturb."""
     clock = [0.0]
 
     def timed(fn):
         def wrapper(*args, **kwargs):
-            start = time.perf_counter()
+            start = time.process_time()
             try:
                 return fn(*args, **kwargs)
             finally:
-                clock[0] += time.perf_counter() - start
+                clock[0] += time.process_time() - start
         return wrapper
 
     microbatch = replay.microbatch
@@ -184,13 +185,13 @@ def step_overhead(args) -> None:
             cpus.append(got["variant"][1] / got["base"][1])
         for _ in range(5):
             instrumented()
-        share = statistics.median(own_time) / statistics.median(t[0] for t in times["base"])
+        share = statistics.median(own_time) / statistics.median(t[1] for t in times["base"])
         best = min(t[1] for t in times["variant"]) / min(t[1] for t in times["base"])
         print(f"{label}: median of per-pair ratios: wall {_spread(walls)}, cpu {_spread(cpus)}"
               + (f" (target <= {target})" if target else "")
-              + f"; ratio of best cpu times {best:.3f}; time inside the replay's own code "
-              f"(including the top-k it replaces) = {share:.3f} of the no-replay time "
-              f"{statistics.median(t[0] for t in times['base']) * 1e3:.1f} ms")
+              + f"; ratio of best cpu times {best:.3f}; cpu time inside the replay's own "
+              f"code (including the top-k it replaces) = {share:.3f} of the no-replay cpu "
+              f"time {statistics.median(t[1] for t in times['base']) * 1e3:.1f} ms")
 
 
 def route_memory() -> None:
