@@ -86,7 +86,10 @@ class RLLoop:
         self.replay_mode: str = run.extra["replay"].routing_replay
         self.tokenizer = load_tokenizer(run.model.tokenizer, run.model.vocab_size)
         self.task = Task(run.task, seed=run.training.seed)
-        self.engine = MegatronEngine(run.model, run.parallel, run.training, routing_replay=True)
+        # Routers can always be observed (router agreement); replay itself additionally
+        # refuses, at start-up, models under which it cannot be exact.
+        self.engine = MegatronEngine(run.model, run.parallel, run.training,
+                                     routing_replay=self.replay_mode != "none")
         self.state = self._load()
         self.replay = _make_replay(self.engine, run)
         self.group, self.leader, self.members = data_group()

@@ -1,4 +1,4 @@
-"""docs/objectives.md documents every objective and exactly the metrics the code emits."""
+"""The README documents every objective and exactly the metrics the code emits."""
 
 from __future__ import annotations
 
@@ -12,11 +12,20 @@ from megatron_rl.advantages import group_mean, rollout_stats
 from megatron_rl.loss import METRICS, OBJECTIVES, ObjectiveConfig, derived_metrics
 from megatron_rl.metrics.stats import merge_stats, results
 
-DOC = pathlib.Path(__file__).resolve().parents[2] / "docs" / "objectives.md"
+DOC = pathlib.Path(__file__).resolve().parents[2] / "README.md"
+
+
+def _objective_metrics_section() -> str:
+    """The metric table of the README's Objectives section (the loop has its own)."""
+    text = DOC.read_text()
+    objectives = text[text.index("\n## Objectives"):]
+    objectives = objectives[: objectives.index("\n## ", 1)]
+    return objectives[objectives.index("\n### Metrics"):]
 
 
 def _documented_metrics() -> dict[str, str]:
-    rows = re.findall(r"^\| `([a-z_]+/[a-z0-9_]+)` \| (.+) \|$", DOC.read_text(), re.M)
+    rows = re.findall(r"^\| `([a-z_]+/[a-z0-9_]+)` \| (.+) \|$", _objective_metrics_section(),
+                      re.M)
     return {name: text.replace("\\|", "|") for name, text in rows}
 
 

@@ -1,7 +1,7 @@
 """Binding by layer identity, MTP and dense layers, refusals (one real process)."""
 
 import pytest
-from conftest import WORKERS
+from torchrun_launch import WORKERS
 
 EXPECTED = {
     "provider_leaves_global_list_clean", "bound_by_layer", "bound_not_in_global_list",
@@ -18,7 +18,7 @@ EXPECTED = {
 
 @pytest.fixture(scope="module")
 def binding(tmp_path_factory):
-    from conftest import run_torchrun
+    from torchrun_launch import run_torchrun
 
     return run_torchrun(WORKERS / "replay_binding.py", 1, [],
                         tmp_path_factory.mktemp("replay_binding"))[0]

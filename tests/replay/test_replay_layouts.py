@@ -18,7 +18,7 @@ would break.
 """
 
 import pytest
-from conftest import WORKERS
+from torchrun_launch import WORKERS
 
 WORKER = WORKERS / "replay_layout.py"
 LOSS_RTOL = 1e-5  # fp32 reductions in another order differ by a few ulps
@@ -34,7 +34,7 @@ LAYOUTS = {
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    from conftest import run_torchrun
+    from torchrun_launch import run_torchrun
 
     base = tmp_path_factory.mktemp("replay_reference")
     ckpt = base / "ckpt"

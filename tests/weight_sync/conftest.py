@@ -6,17 +6,14 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-from ws_support import TESTS, WORKERS
+from torchrun_launch import run_torchrun as _launch
+from ws_support import WORKERS
 
 
 @pytest.fixture(scope="session")
-def run_torchrun(request):
-    """tests/conftest.py's launcher. Fetched from pytest's plugin registry: every
-    conftest.py is a module named "conftest", so ``from conftest import`` finds whichever
-    was imported last."""
-    root = request.config.pluginmanager.get_plugin(str(TESTS / "conftest.py"))
-    assert root is not None, "tests/conftest.py is not loaded"
-    return root.run_torchrun
+def run_torchrun():
+    """The shared torchrun launcher (tests/torchrun_launch.py)."""
+    return _launch
 
 
 @pytest.fixture(scope="session")
