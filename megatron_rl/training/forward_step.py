@@ -12,6 +12,7 @@ summed gradients by 1.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any, Protocol
@@ -54,11 +55,61 @@ def _loss_func(batch: MicroBatch, loss_fn: LossFn, output: torch.Tensor):
     return loss, _counts_for_megatron(batch), info
 
 
+def context_parallel_share(batch: MicroBatch) -> MicroBatch:
+    """This context-parallel rank's chunks of every sequence-shaped tensor of ``batch``
+    (megatron's load-balanced split: chunks r and 2CP-1-r of 2CP), routes included. The
+    per-sample tensors (response lengths, counts) stay whole: objectives join the
+    chunks' partial sums with a CP all-reduce (``seq_sum``)."""
+    cp = ps.get_context_parallel_world_size()
+    if cp == 1:
+        return batch
+    from megatron_rl.replay.split import split_for_cp
+
+    rank = ps.get_context_parallel_rank()
+    cut = {name: split_for_cp(getattr(batch, name), 1, cp, rank)
+           for name in ("tokens", "position_ids", "labels", "loss_mask", "sample_ids",
+                        "advantages", "old_logprobs", "rollout_logprobs")}
+    if batch.routes is not None:
+        cut["routes"] = split_for_cp(batch.routes, 1, cp, rank)
+    # Query rows only: with CP the keys stay whole (Transformer Engine's CP attention).
+    cut["attention_mask"] = split_for_cp(batch.attention_mask, 2, cp, rank)
+    # The whole micro-batch stays reachable: per-sample results are put back together
+    # from the chunks of all CP ranks (see cp_gather).
+    return dataclasses.replace(batch, **cut, extras={**batch.extras, "cp_whole": batch})
+
+
+def cp_gather(local: torch.Tensor, batch: MicroBatch) -> tuple[torch.Tensor, MicroBatch]:
+    """Inverse of :func:`context_parallel_share` for a ``[B, S/CP]`` result: the whole
+    ``[B, S]`` tensor (on every CP rank) and the whole micro-batch it belongs to."""
+    whole = batch.extras.get("cp_whole")
+    if whole is None:
+        return local, batch
+    return cp_unsplit(local, whole.tokens.shape[1]), whole
+
+
+def cp_unsplit(local: torch.Tensor, length: int) -> torch.Tensor:
+    """All-gather ``[B, S/CP, ...]`` chunks over the context-parallel group and put them
+    back in sequence order: ``[B, S, ...]``."""
+    cp = ps.get_context_parallel_world_size()
+    if cp == 1:
+        return local
+    import torch.distributed as dist
+
+    from megatron_rl.replay.split import cp_positions
+
+    pieces = [torch.empty_like(local) for _ in range(cp)]
+    dist.all_gather(pieces, local.contiguous(), group=ps.get_context_parallel_group())
+    full = local.new_zeros((local.shape[0], length, *local.shape[2:]))
+    for rank, piece in enumerate(pieces):
+        full[:, cp_positions(length, cp, rank).to(full.device)] = piece
+    return full
+
+
 def make_forward_step(loss_fn: LossFn, replay: ReplayHook | None = None):
     """A ``forward_step_func(data_iterator, model)`` for ``get_forward_backward_func``."""
 
     def forward_step(data_iterator: Iterator[MicroBatch], model: torch.nn.Module):
-        batch = next(data_iterator)
+        batch = context_parallel_share(next(data_iterator))
         context = replay.microbatch(batch, model) if replay is not None else contextlib.nullcontext()
         with context:
             output = model(batch.tokens, batch.position_ids, batch.attention_mask)

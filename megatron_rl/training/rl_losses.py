@@ -8,12 +8,23 @@ micro-batch with megatron_rl.loss.compute_loss.
 from __future__ import annotations
 
 import torch
+from megatron.core import parallel_state as ps
 
 from megatron_rl.data.packing import MicroBatch
 from megatron_rl.loss import LossInputs, ObjectiveConfig, compute_loss
 from megatron_rl.metrics.stats import Stat
-from megatron_rl.training.forward_step import LossFn
+from megatron_rl.training.forward_step import LossFn, cp_gather
 from megatron_rl.training.token_logprobs import token_entropy, token_logprobs
+
+
+def _cp_seq_sum():
+    """Sums per-response partials over the context-parallel group (None without CP)."""
+    if ps.get_context_parallel_world_size() == 1:
+        return None
+    from torch.distributed.nn.functional import all_reduce
+
+    group = ps.get_context_parallel_group()
+    return lambda partial: all_reduce(partial, group=group)
 
 
 def old_logprob_pass(temperature: float) -> LossFn:
@@ -23,12 +34,13 @@ def old_logprob_pass(temperature: float) -> LossFn:
         with torch.no_grad():
             entropy = token_entropy(logits, temperature)
             logprobs = token_logprobs(logits, batch.labels, temperature)
+        stats = {"logprob/entropy": Stat.mean(entropy, batch.loss_mask)}
+        # Under context parallelism each rank scored its chunks: reassemble the rows.
+        logprobs, whole = cp_gather(logprobs, batch)
         per_sample = {}
-        mask = batch.loss_mask
-        for local, index in enumerate(batch.sample_index):
-            selected = (batch.sample_ids == local) & mask
+        for local, index in enumerate(whole.sample_index):
+            selected = (whole.sample_ids == local) & whole.loss_mask
             per_sample[index] = logprobs[selected].float().clone()
-        stats = {"logprob/entropy": Stat.mean(entropy, mask)}
         return logits.sum() * 0.0, {"logprobs": per_sample, "stats": stats}
 
     return loss_fn
@@ -41,20 +53,26 @@ def policy_loss(config: ObjectiveConfig, temperature: float) -> LossFn:
         # Entropy first: megatron's vocab-parallel cross-entropy works in place.
         entropy = token_entropy(logits, temperature)
         logprobs = token_logprobs(logits, batch.labels, temperature)
-        inputs = LossInputs(
-            logprobs=logprobs.flatten(),
-            old_logprobs=batch.old_logprobs.flatten(),
-            rollout_logprobs=batch.rollout_logprobs.flatten(),
-            advantages=batch.advantages.flatten(),
-            loss_mask=batch.loss_mask.flatten(),
-            sample_ids=batch.sample_ids.flatten().clamp(min=0),
-            num_samples=batch.num_samples,
-            response_lengths=batch.response_lengths,
-            global_num_samples=batch.global_num_samples,
-            global_num_tokens=batch.global_num_tokens,
-            entropy=entropy.flatten(),
-        )
-        output = compute_loss(inputs, config)
+        output = compute_loss(policy_inputs(batch, logprobs, entropy), config,
+                              seq_sum=_cp_seq_sum())
         return output.loss, {"stats": output.stats}
 
     return loss_fn
+
+
+def policy_inputs(batch: MicroBatch, logprobs: torch.Tensor,
+                  entropy: torch.Tensor | None) -> LossInputs:
+    """The objective's flat token view of a (possibly context-parallel-local) micro-batch."""
+    return LossInputs(
+        logprobs=logprobs.flatten(),
+        old_logprobs=batch.old_logprobs.flatten(),
+        rollout_logprobs=batch.rollout_logprobs.flatten(),
+        advantages=batch.advantages.flatten(),
+        loss_mask=batch.loss_mask.flatten(),
+        sample_ids=batch.sample_ids.flatten().clamp(min=0),
+        num_samples=batch.num_samples,
+        response_lengths=batch.response_lengths,
+        global_num_samples=batch.global_num_samples,
+        global_num_tokens=batch.global_num_tokens,
+        entropy=None if entropy is None else entropy.flatten(),
+    )

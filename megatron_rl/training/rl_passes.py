@@ -8,6 +8,7 @@ replay off the routers route freely and are only observed (router agreement).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +19,7 @@ from megatron_rl.data.packing import MicroBatch, Sample, set_global_counts, spli
 from megatron_rl.loss import ObjectiveConfig
 from megatron_rl.metrics.stats import Stat, merge_stats
 from megatron_rl.training.engine import MegatronEngine, StepResult
-from megatron_rl.training.forward_step import make_forward_step
+from megatron_rl.training.forward_step import cp_unsplit, make_forward_step
 from megatron_rl.training.rl_losses import old_logprob_pass, policy_loss
 
 
@@ -48,7 +49,8 @@ def make_batches(samples: list[Sample], layout: BatchLayout, *, with_routes: boo
     longest = _agreed(max((s.num_inputs for s in samples), default=1))
     route_shape = layout.route_shape if with_routes else None
     batches, length = split_microbatches(
-        samples, layout.micro_batch_size, pad_multiple=8, max_length=layout.seq_length,
+        samples, layout.micro_batch_size, pad_multiple=_pad_multiple(),
+        max_length=layout.seq_length,
         pack=layout.pack, pad_id=layout.pad_id, route_shape=route_shape, min_length=longest,
     ) if samples else ([], layout.seq_length)
     # Same inputs on every rank give the same length; ranks without samples adopt it.
@@ -57,6 +59,13 @@ def make_batches(samples: list[Sample], layout: BatchLayout, *, with_routes: boo
     while len(batches) < count:
         batches.append(_empty_batch(layout, length, route_shape, key=len(batches)))
     return batches, length
+
+
+def _pad_multiple() -> int:
+    """Row lengths split evenly over sequence-parallel ranks and 2 x CP chunks."""
+    tp = ps.get_tensor_model_parallel_world_size()
+    cp = ps.get_context_parallel_world_size()
+    return math.lcm(8, tp, 2 * cp)
 
 
 def _empty_batch(layout: BatchLayout, length: int, route_shape, key: int) -> MicroBatch:
@@ -87,7 +96,7 @@ def old_logprobs(
                                       micro_batch_size=layout.micro_batch_size)
         if record_routes and replay is not None:
             for batch in batches:
-                recorded = replay.take_recorded(batch.key)
+                recorded = cp_unsplit(replay.take_recorded(batch.key), batch.tokens.shape[1])
                 for local, index in enumerate(batch.sample_index):
                     samples[index].routes = recorded[batch.sample_ids == local].contiguous()
     for out in outputs:
