@@ -15,8 +15,8 @@ from collections.abc import Callable
 
 import torch
 
+from megatron_rl.config.import_path import load_callable
 from megatron_rl.loss.config import is_import_path
-from megatron_rl.loss.import_path import load_callable
 from megatron_rl.loss.stat_collector import StatCollector
 from megatron_rl.metrics.stats import Stat
 

@@ -7,7 +7,6 @@ checkpoints -- and never yields an item of the held-out evaluation set.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from collections.abc import Callable
@@ -15,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from megatron_rl.config.flags import ConfigError
+from megatron_rl.config.import_path import load_callable
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -163,15 +163,8 @@ def _jsonl_task(config: TaskConfig):
 
 
 def load_function(path: str) -> Callable:
-    """Import ``module:function``."""
-    module_name, _, name = path.partition(":")
-    if not module_name or not name:
-        raise ConfigError(f"{path!r} is not of the form module:function")
+    """Import ``module:function`` (a user's reward function)."""
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"cannot import {module_name!r} (from {path!r}): {exc}") from exc
-    try:
-        return getattr(module, name)
-    except AttributeError:
-        raise ConfigError(f"module {module_name!r} has no attribute {name!r}") from None
+        return load_callable(path, what="--rl-reward-function")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from megatron_rl.config.flags import ConfigError
-from megatron_rl.loss.import_path import load_callable
+from megatron_rl.config.import_path import load_callable
 
 Correction = Literal["none", "tis", "mis", "icepop"]
 

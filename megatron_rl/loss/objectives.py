@@ -14,9 +14,9 @@ import logging
 
 import torch
 
+from megatron_rl.config.import_path import load_callable
 from megatron_rl.loss.config import ObjectiveConfig, is_import_path
 from megatron_rl.loss.corrections import CorrectionWeights, correction_weights
-from megatron_rl.loss.import_path import load_callable
 from megatron_rl.loss.stat_collector import StatCollector
 from megatron_rl.loss.tokens import Tokens, prepare
 from megatron_rl.loss.types import LossInputs, LossOutput, Objective, SeqSum
