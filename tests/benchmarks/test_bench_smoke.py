@@ -1,0 +1,105 @@
+"""Smoke tests of benchmarks/bench_trl.py and bench_step_breakdown.py on their smallest
+workload, plus the pieces they measure with (workload parsing, the process-tree monitor)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bench_trl  # noqa: E402
+from bench_trl import TreeMonitor, Workload  # noqa: E402
+
+HAS_TRL = importlib.util.find_spec("trl") is not None
+SMALLEST = ["--workloads", "16x4x4", "--steps", "2", "--warmup", "1", "--rounds", "1"]
+
+
+def run(script: str, *args: str, timeout: int = 600) -> str:
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        pytest.fail(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                    f"{proc.stderr[-5000:]}")
+    return proc.stdout
+
+
+def test_workload_parsing():
+    w = Workload.parse("128x8x6/64")
+    assert (w.batch, w.group, w.tokens, w.mini, w.updates, w.prompts) == (128, 8, 6, 64, 2, 16)
+    assert Workload.parse("16x4x4").updates == 1
+    assert Workload.parse("16x4x4", micro=32).micro == 16  # never above the mini-batch
+    for bad in ("30x4x4", "32x4x4/24", "32x8x4/4"):
+        with pytest.raises(ValueError):
+            Workload.parse(bad)
+
+
+def test_tree_monitor_counts_children_and_marks_cpu_per_step(tmp_path):
+    marks = tmp_path / "marks.jsonl"
+    child = textwrap.dedent(f"""
+        import json, subprocess, sys, time
+        # A child process holding ~60 MB while the parent marks steps and burns CPU.
+        holder = subprocess.Popen([sys.executable, "-c",
+            "import time; b = bytearray(60_000_000); b[::4096] = b'x' * len(b[::4096]); "
+            "time.sleep(3)"])
+        time.sleep(1.0)
+        for step in range(3):
+            end = time.process_time() + 0.3
+            while time.process_time() < end:
+                pass
+            with open({str(marks)!r}, "a") as f:
+                f.write(json.dumps({{"step": step}}) + "\\n")
+            time.sleep(0.3)
+        holder.wait()
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", child])
+    monitor = TreeMonitor(proc.pid, bench_trl._last_step(marks), final_step=2,
+                          interval_s=0.02)
+    proc.wait(timeout=30)
+    monitor.stop()
+    assert monitor.peak_bytes > 60e6  # the child's buffer counts
+    assert monitor.peak_steps_bytes <= monitor.peak_bytes
+    cpu = monitor.cpu_per_step(warmup=0)
+    assert len(cpu) == 2
+    assert all(0.2 < c < 1.5 for c in cpu), cpu
+
+
+@pytest.mark.slow
+def test_bench_trl_smallest_workload(tmp_path):
+    args = [*SMALLEST, "--json", str(tmp_path / "rows.json")]
+    if not HAS_TRL:
+        args.append("--no-trl")
+    out = run("bench_trl.py", *args)
+    (row,) = json.loads((tmp_path / "rows.json").read_text())
+    assert row["workload"] == "16x4x4/16" and row["updates"] == 1
+    assert row["mrl_s"] > 0 and row["mrl_cpu_s"] > 0 and row["mrl_rss_mb"] > 100
+    assert row["mrl_rss_total_mb"] >= row["mrl_rss_mb"]
+    assert 1 <= row["mrl_len"] <= 4
+    assert set(row["stages"]) >= {"time/rollout", "time/logprob", "time/update", "time/sync"}
+    assert "megatron_rl step breakdown" in out
+    if HAS_TRL:
+        assert row["trl_s"] > 0 and row["trl_cpu_s"] > 0 and row["trl_rss_mb"] > 100
+        assert 1 <= row["trl_len"] <= 4
+        assert row["ratio_s"] == pytest.approx(row["mrl_s"] / row["trl_s"])
+        assert "| 16x4x4/16 | 1 |" in out
+
+
+@pytest.mark.slow
+def test_step_breakdown_smallest_workload_with_profile(tmp_path):
+    out = run("bench_step_breakdown.py", *SMALLEST[:2], "--steps", "2", "--warmup", "1",
+              "--profile", "--top", "5", "--work-dir", str(tmp_path))
+    assert "step breakdown" in out
+    line = next(ln for ln in out.splitlines() if ln.startswith("| 16x4x4/16 |")
+                and "%" in ln)
+    assert line.count("%") == 7  # rollout, logprob, update, sync, export, update, other
+    assert "megatron_rl/training/" in out  # the loop's own functions in the profile
+    assert (tmp_path / "trainer.prof").is_file()
