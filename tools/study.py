@@ -155,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     args, settings, specs = parse(argv)
     out = Path(args.out).resolve()
     if args.summary_only:
-        given_grid = any(a.startswith(("--grid", "--objectives", "--n", "--replays", "--seeds"))
-                         for a in argv)
+        grid_flags = ("--grid", "--objectives", "--n", "--replays", "--seeds")
+        given_grid = any(a.split("=")[0] in grid_flags for a in argv)
         stored = None if given_grid else _stored_specs(out)
         summarize_study(out, stored or specs, args.tail)
         return 0

@@ -24,9 +24,9 @@ import subprocess
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import IO, Literal
 
 from megatron_rl.study.grid import RunSpec
 from megatron_rl.study.settings import (
@@ -81,6 +81,7 @@ class Job:
     final_step: int
     env: dict[str, str]
     metrics_file: str = "metrics.jsonl"
+    _log: IO[str] | None = field(default=None, init=False, repr=False)
 
     @property
     def record_path(self) -> Path:
@@ -133,18 +134,21 @@ class Job:
         record = self.record()
         self.write_record(status="running", attempts=record.get("attempts", 0) + 1,
                           started=time.time(), wall_s=record.get("wall_s", 0.0))
-        log = open(self.directory / "train.log", "a")  # noqa: SIM115 (closed in finish)
-        log.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command(self.args))}\n")
-        log.flush()
+        self._log = open(self.directory / "train.log", "a")  # noqa: SIM115 (closed in finish)
+        self._log.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} "
+                        f"{shlex.join(command(self.args))}\n")
+        self._log.flush()
         # A session of its own: stopping the study ends exactly this run's processes
         # (the trainer and the rollout server it starts), nothing else.
-        proc = subprocess.Popen(command(self.args), cwd=ROOT, env={**os.environ, **self.env},
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        proc.log_handle = log  # type: ignore[attr-defined]
-        return proc
+        return subprocess.Popen(command(self.args), cwd=ROOT, env={**os.environ, **self.env},
+                                stdout=self._log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
 
     def finish(self, proc: subprocess.Popen) -> bool:
-        proc.log_handle.close()  # type: ignore[attr-defined]
+        """Record how the launched process ended; True when the run is complete."""
+        if self._log is not None:
+            self._log.close()
+            self._log = None
         record = self.record()
         wall = record.get("wall_s", 0.0) + time.time() - record.get("started", time.time())
         done = proc.returncode == 0 and \

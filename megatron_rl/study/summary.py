@@ -133,6 +133,7 @@ class RunSummary:
 
 # (attribute, column title, number format) of the per-configuration table.
 COLUMNS: list[tuple[str, str, str]] = [
+    ("initial_accuracy", "cold-start acc", "{:.3f}"),
     ("final_accuracy", "final held-out acc", "{:.3f}"),
     ("best_accuracy", "best held-out acc", "{:.3f}"),
     ("reward_last", "reward (last 25%)", "{:.3f}"),
@@ -154,11 +155,11 @@ class ConfigSummary:
     std: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for attr, _, _ in COLUMNS + [("initial_accuracy", "", "")]:
+        for attr, _, _ in COLUMNS:
             values = [getattr(r, attr) for r in self.runs if not math.isnan(getattr(r, attr))]
             self.mean[attr] = _mean(values)
-            self.std[attr] = statistics.stdev(values) if len(values) > 1 else (
-                0.0 if values else math.nan)
+            # One seed has no spread to show (NaN, printed as the bare mean).
+            self.std[attr] = statistics.stdev(values) if len(values) > 1 else math.nan
 
     @property
     def collapsed(self) -> int:
@@ -194,7 +195,7 @@ def markdown_table(summaries: Sequence[ConfigSummary]) -> str:
 
 
 def write_csv(summaries: Sequence[ConfigSummary], path: Path) -> None:
-    attrs = [a for a, _, _ in COLUMNS] + ["initial_accuracy"]
+    attrs = [a for a, _, _ in COLUMNS]
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["objective", "n", "replay", "seeds", "collapsed"]
