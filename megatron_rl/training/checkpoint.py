@@ -128,6 +128,13 @@ def save_checkpoint(
     return final
 
 
+_SCHEDULE_KEYS = ("lr", "max_lr", "min_lr", "weight_decay", "wd_mult", "lr_mult")
+
+
+def _hyperparameters(group: dict) -> dict:
+    return {key: group[key] for key in _SCHEDULE_KEYS if key in group}
+
+
 def _adapt_optimizer_state(loaded: dict, engine: MegatronEngine) -> dict:
     """Fit the optimiser's non-tensor state to this layout.
 
@@ -236,9 +243,13 @@ def load_checkpoint(
     *,
     load_optimizer: bool = True,
     load_rng: bool = True,
+    load_scheduler: bool = True,
     step: int | None = None,
 ) -> dict[str, Any]:
-    """Load the latest (or the given) checkpoint into ``engine``; returns its common state."""
+    """Load the latest (or the given) checkpoint into ``engine``; returns its common state.
+
+    ``load_scheduler=False`` keeps this run's learning-rate schedule (e.g. RL continuing
+    from a cold start's weights and Adam moments with its own learning rate)."""
     step = latest_step(load_dir) if step is None else step
     if step is None:
         raise FileNotFoundError(f"no complete checkpoint in {load_dir}")
@@ -256,9 +267,17 @@ def load_checkpoint(
     for i, chunk in enumerate(engine.chunks):
         chunk.load_state_dict(loaded["model"][f"chunk{i}"], strict=True)
     if with_optimizer:
+        ours = [_hyperparameters(g) for g in engine.optimizer.param_groups]
         engine.optimizer.load_state_dict(_adapt_optimizer_state(loaded["optimizer"], engine))
-        if engine.scheduler is not None and "scheduler" in common:
+        if engine.scheduler is not None and "scheduler" in common and load_scheduler:
             engine.scheduler.load_state_dict(common["scheduler"])
+        elif engine.scheduler is not None:
+            # The loaded param groups carry the old run's schedule (max_lr, min_lr, lr,
+            # weight decay), which megatron's scheduler reads from the groups: put this
+            # run's back, then apply its current learning rate.
+            for group, hyper in zip(engine.optimizer.param_groups, ours, strict=True):
+                group.update(hyper)
+            engine.scheduler.step(increment=0)
     else:
         # Fresh optimiser on loaded weights: its fp32 main copies must follow the model.
         if engine.optimizer is not None:

@@ -70,9 +70,12 @@ def run_rl(run: RunConfig) -> dict[str, float]:
     init_distributed(run.parallel, run.model.num_layers, run.training.seed)
     loop = RLLoop(run)
     try:
-        return loop.train()
-    finally:
-        loop.close()
+        metrics = loop.train()
+    except BaseException:
+        loop.close(clean=False)
+        raise
+    loop.close(clean=True)
+    return metrics
 
 
 class RLLoop:
@@ -271,17 +274,20 @@ class RLLoop:
                 return LoopState(step=common["step"], data_position=common["data_position"],
                                  policy_version=common["policy_version"])
             if directory == cp.load:
-                ckpt.load_checkpoint(self.engine, directory, load_optimizer=False,
-                                     load_rng=False)
-                logger.info("starting RL from the weights of %s (stage %s)", directory,
-                            common.get("stage"))
+                # The cold start's Adam moments come along (unless --no-load-optim): a
+                # fresh Adam's first steps move every weight by about the learning rate,
+                # which knocks a small converged model off its optimum before RL helps.
+                ckpt.load_checkpoint(self.engine, directory, load_optimizer=not cp.no_load_optim,
+                                     load_rng=False, load_scheduler=False)
+                logger.info("starting RL from %s (stage %s)%s", directory, common.get("stage"),
+                            "" if cp.no_load_optim else " with its optimiser state")
                 return LoopState()
         return LoopState()
 
-    def close(self) -> None:
+    def close(self, clean: bool = True) -> None:
         self.progress.close()
         self.writer.close()
-        self.service.close()
+        self.service.close(clean)
 
 
 def _peek_common(directory: str) -> dict[str, Any]:

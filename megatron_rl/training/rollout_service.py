@@ -123,7 +123,11 @@ class RolloutService:
             # reload it on a server that restarts.
             self.client.note_weights(version, str(self.weights.path_of(version)))
 
-    def close(self) -> None:
+    def close(self, clean: bool = True) -> None:
+        """Stop the servers this rank started. ``clean``: every rank got here normally,
+        so wait until none is still talking to the servers (after a failure, don't)."""
+        if clean and dist.is_initialized():
+            dist.barrier()
         for server in self.servers:
             server.stop()
         self.servers = []

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 import torch
 from rl_fixtures import TINY_RL, launch, read_metrics, steps
@@ -18,6 +19,23 @@ RUN = TINY_RL + ["--expert-model-parallel-size", "2", "--train-iters", "4",
                  "--rl-mini-batch-size", "8", "--eval-interval", "2", "--rl-rollout-seed", "7"]
 # Wall-clock figures differ between runs; everything else must not.
 VOLATILE = ("time/", "rollout/latency", "sync/")
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun, its trainers and the rollout server at once -- a crash. torchrun
+    may put its workers in process groups of their own, so the tree is walked."""
+    try:
+        root = psutil.Process(proc.pid)
+        victims = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for victim in victims:
+        try:
+            victim.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(victims, timeout=30)
+    proc.wait(timeout=30)
 
 
 def _stable(row: dict) -> dict:
@@ -35,9 +53,8 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(coldstart, tmp_pat
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
            str(ROOT / "pretrain_rl.py"), *args]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    # A session of its own: the kill reaches torchrun, both trainers and the rollout server.
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+                            stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 240
         tracker = killed / "latest_checkpointed_iteration.txt"
@@ -47,12 +64,9 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(coldstart, tmp_pat
             time.sleep(0.2)
         assert proc.poll() is None, "the run ended before it could be killed"
         time.sleep(0.5)  # into step 3
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+        _kill_tree(proc)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        _kill_tree(proc)
     assert max(steps(read_metrics(killed))) < 4
 
     launch(2, args)  # resumes from the step-2 checkpoint in --save

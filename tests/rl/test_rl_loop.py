@@ -29,6 +29,8 @@ def test_two_rl_steps(replay, mini_batch, coldstart, tmp_path):
         for name in REQUIRED:
             assert row.get(name) is not None, name
         assert row["train/updates"] == n_updates
+        # RL's own learning rate, not the cold start's (whose Adam state it continues).
+        assert row["train/lr"] == pytest.approx(5e-4)
         assert row["rollout/policy_version"] == row["step"]
         layers = [k for k in row if k.startswith("mismatch/router_agreement/layer_")]
         assert sorted(layers) == [f"mismatch/router_agreement/layer_{i}" for i in (1, 2, 3)]
