@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -234,8 +235,10 @@ def _env(threads: int) -> dict[str, str]:
 # ---- megatron_rl side -------------------------------------------------------------------
 
 
-def megatron_rl_command(w: Workload, steps: int, threads: int, save: Path, seed: int) -> list[str]:
-    """One process without a launcher (the loop initialises a world of one by itself)."""
+def megatron_rl_command(w: Workload, steps: int, threads: int, save: Path, seed: int,
+                        extra: tuple[str, ...] = ()) -> list[str]:
+    """One process without a launcher (the loop initialises a world of one by itself);
+    ``extra`` flags come last (they win)."""
     return [
         sys.executable, str(ROOT / "pretrain_rl.py"), "--stage", "rl", "--model-preset", "tiny",
         "--save", str(save), "--train-iters", str(steps), "--seed", str(seed),
@@ -248,7 +251,7 @@ def megatron_rl_command(w: Workload, steps: int, threads: int, save: Path, seed:
         "--rl-eval-size", "0", "--eval-interval", "-1", "--no-progress",
         "--no-rl-rollout-progress", "--rl-rollout-threads", str(threads),
         "--rl-rollout-max-batch-size", str(w.batch),
-        "--rl-rollout-concurrency", str(w.batch),
+        "--rl-rollout-concurrency", str(w.batch), *extra,
     ]
 
 
@@ -259,7 +262,8 @@ SYNC_PARTS = ("time/sync_export", "time/sync_update")
 def run_megatron_rl(w: Workload, args, work: Path) -> SideResult:
     save = work / "megatron_rl"
     shutil.rmtree(save, ignore_errors=True)
-    cmd = megatron_rl_command(w, args.steps, args.threads, save, args.seed)
+    cmd = megatron_rl_command(w, args.steps, args.threads, save, args.seed,
+                              tuple(shlex.split(args.mrl_args)))
     metrics = save / "metrics.jsonl"
     monitor = _run_measured(cmd, _env(args.threads), work / "megatron_rl.log", args.timeout,
                             metrics, args.steps)
@@ -452,6 +456,8 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
     p.add_argument("--work-dir", default=None, help="keep logs and metrics here")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--mrl-args", default="",
+                   help='more pretrain_rl.py flags for megatron_rl, e.g. "--rl-rollout-dtype fp32"')
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

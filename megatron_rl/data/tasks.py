@@ -34,6 +34,10 @@ class TaskConfig:
     rl_reward_function: str | None = None
     """A user reward function as module:function(response_text, item) -> float; default is
     the task's own scorer."""
+    sft_teacher: str | None = None
+    """The cold start's demonstrator as module:function(item) -> answer text; default: the
+    reference answer. megatron_rl.data.teachers holds imperfect teachers, for studying
+    what RL can correct that imitation taught."""
     rl_binary_reward: bool = True
     """Reward 1 for a response the scorer fully accepts, else 0 (the paper's binary
     reward); off: the scorer's own value, which for reasoning-gym includes partial credit
@@ -74,6 +78,8 @@ class Task:
         self._held_out = {self._eval[i]["question"] for i in range(len(self._eval))}
         self._reward_fn = load_function(config.rl_reward_function) if config.rl_reward_function \
             else None
+        self._teacher = load_function(config.sft_teacher, what="--sft-teacher") \
+            if config.sft_teacher else None
 
     def _item(self, source, index: int) -> TaskItem:
         entry = source[index]
@@ -102,6 +108,17 @@ class Task:
 
     def eval_items(self) -> list[TaskItem]:
         return [self._item(self._eval, i) for i in range(len(self._eval))]
+
+    def demonstration(self, item: TaskItem) -> str:
+        """The answer the cold start imitates for ``item``."""
+        if self._teacher is None:
+            return item.answer
+        answer = self._teacher(item)
+        if not isinstance(answer, str) or not answer:
+            raise ConfigError(f"--sft-teacher {self.config.sft_teacher} returned {answer!r} "
+                              f"for training item {item.index} ({item.prompt!r}); it must "
+                              "return a non-empty string")
+        return answer
 
     def score(self, response: str, item: TaskItem) -> float:
         """Reward of a response: the user's function or the task's own scorer."""
@@ -162,9 +179,9 @@ def _jsonl_task(config: TaskConfig):
     return train, held, exact_match
 
 
-def load_function(path: str) -> Callable:
-    """Import ``module:function`` (a user's reward function)."""
+def load_function(path: str, what: str = "--rl-reward-function") -> Callable:
+    """Import ``module:function`` (a user's reward function or teacher)."""
     try:
-        return load_callable(path, what="--rl-reward-function")
+        return load_callable(path, what=what)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc

@@ -11,12 +11,15 @@ from megatron_rl.training.generate import greedy_generate
 logger = logging.getLogger(__name__)
 
 
-def encode_item(tokenizer, item: TaskItem, with_answer: bool = True) -> tuple[list[int], int]:
-    """Token ids of prompt (+ answer + eos) and the prompt length."""
+def encode_item(tokenizer, item: TaskItem, with_answer: bool = True,
+                answer_text: str | None = None) -> tuple[list[int], int]:
+    """Token ids of prompt (+ answer + eos) and the prompt length; ``answer_text`` replaces
+    the reference answer (a teacher's demonstration)."""
     prompt = tokenizer(item.prompt, add_special_tokens=False)["input_ids"]
     if not with_answer:
         return prompt, len(prompt)
-    answer = tokenizer(item.answer, add_special_tokens=False)["input_ids"]
+    text = item.answer if answer_text is None else answer_text
+    answer = tokenizer(text, add_special_tokens=False)["input_ids"]
     return prompt + answer + [tokenizer.eos_token_id], len(prompt)
 
 

@@ -61,7 +61,8 @@ def run_sft(run: RunConfig) -> dict[str, Any]:
     while step < t.train_iters:
         started = time.perf_counter()
         items, position = task.next_items(position, t.global_batch_size)
-        encoded = [encode_item(tokenizer, item) for item in items]
+        encoded = [encode_item(tokenizer, item, answer_text=task.demonstration(item))
+                   for item in items]
         samples = [Sample(tokens=ids, prompt_len=p, index=i) for i, (ids, p) in enumerate(encoded)]
         mine = samples[dp_rank::dp_size]
         batches, length = split_microbatches(mine, t.micro_batch_size,

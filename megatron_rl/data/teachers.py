@@ -1,0 +1,33 @@
+"""Imperfect teachers for the cold start (``--sft-teacher``).
+
+RL with a verifier earns its keep where imitation learned something wrong: a cold start
+distilled from a careless teacher inherits the teacher's systematic mistakes, and a reward
+that checks the answer can find and remove them, which more imitation of the same teacher
+cannot. A teacher maps a training item to the answer text the cold start imitates; it must
+be deterministic in the item so that a resumed cold start sees the same demonstrations.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+from megatron_rl.data.tasks import TaskItem
+
+SIGN_DROP_RATE = 0.75
+"""Fraction of negative answers the careless teacher writes without their minus sign."""
+
+
+def careless_sign_teacher(item: TaskItem) -> str:
+    """Writes the reference answer, but drops the minus sign of a negative answer three
+    times in four (chosen by a hash of the prompt, so the same item always gets the same
+    demonstration). A cold start taught this way says "3" for "2 - 5 =" most of the time
+    while still putting some probability on "-3", which a binary exact-answer reward can
+    find; greedy decoding of the cold start gets almost every negative answer wrong."""
+    answer = item.answer.strip()
+    if answer.startswith("-") and _unit_hash(item.prompt) < SIGN_DROP_RATE:
+        return answer[1:]
+    return answer
+
+
+def _unit_hash(text: str) -> float:
+    return zlib.crc32(text.encode()) / 2**32
