@@ -94,8 +94,8 @@ def test_careless_teacher_drops_most_minus_signs_deterministically():
     negative = [i for i in items if i.answer.startswith("-")]
     assert len(negative) > 300
     shown = [task.demonstration(i) for i in negative]
-    dropped = sum(s == i.answer[1:] for s, i in zip(shown, negative))
-    kept = sum(s == i.answer for s, i in zip(shown, negative))
+    dropped = sum(s == i.answer[1:] for s, i in zip(shown, negative, strict=True))
+    kept = sum(s == i.answer for s, i in zip(shown, negative, strict=True))
     assert dropped + kept == len(negative)
     assert 0.68 < dropped / len(negative) < 0.82
     # Positive answers are always right, and the choice is a function of the item.
