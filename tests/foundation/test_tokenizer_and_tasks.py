@@ -102,7 +102,7 @@ def test_careless_teacher_drops_most_minus_signs_deterministically():
     assert all(task.demonstration(i) == i.answer for i in items if not i.answer.startswith("-"))
     assert shown == [task.demonstration(i) for i in negative]
     # The scorer still wants the sign: the teacher's dropped answers earn no reward.
-    wrong = next(i for s, i in zip(shown, negative) if s != i.answer)
+    wrong = next(i for s, i in zip(shown, negative, strict=True) if s != i.answer)
     assert task.score(task.demonstration(wrong), wrong) == 0.0
     assert Task(TaskConfig(), seed=3).demonstration(wrong) == wrong.answer
 
