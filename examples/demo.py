@@ -1,7 +1,10 @@
 """`make demo`: the whole loop on a laptop CPU, then a before/after table.
 
 1. Cold start: supervised training of the tiny Qwen3-MoE-shaped model on reasoning-gym
-   chain_sum answers (EP=2 over 2 processes, gloo), held-out greedy accuracy printed.
+   chain_sum answers written by a hedging teacher (the right number, but "~7" instead of
+   "7" three times in four; EP=2 over 2 processes, gloo), held-out greedy accuracy printed.
+   The binary exact-answer reward gives a hedged answer nothing, so there is something for
+   RL to learn that imitating the teacher cannot teach (see README, "The demo").
 2. RL: MiniRL with rollout routing replay (R3) against the embedded SGLang-compatible
    server (bf16 on CPU, while the trainer runs fp32, so the engines genuinely differ).
 3. The held-out accuracy before and after RL, and the mismatch figures, from the runs'
@@ -23,17 +26,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 COMMON = [
-    "--model-preset", "tiny", "--micro-batch-size", "16", "--rl-eval-size", "128",
-    "--eval-micro-batch-size", "64", "--seed", "1234",
+    "--model-preset", "tiny", "--micro-batch-size", "16", "--rl-eval-size", "256",
+    "--eval-micro-batch-size", "128", "--seed", "1234",
 ]
 SFT = [
-    "--stage", "sft", "--global-batch-size", "64", "--train-iters", "400", "--lr", "2e-3",
-    "--lr-warmup-iters", "10", "--eval-interval", "100",
+    "--stage", "sft", "--global-batch-size", "64", "--train-iters", "800", "--lr", "2e-3",
+    "--lr-warmup-iters", "10", "--eval-interval", "200",
+    "--sft-teacher", "megatron_rl.data.teachers:hedging_teacher",
 ]
 RL = [
     "--stage", "rl", "--rl-objective", "minirl", "--routing-replay", "r3",
     "--rl-group-size", "8", "--global-batch-size", "128", "--rl-mini-batch-size", "64",
-    "--train-iters", "40", "--lr", "2e-4", "--lr-decay-style", "constant",
+    "--train-iters", "40", "--lr", "2e-4", "--lr-warmup-iters", "5",
+    "--lr-decay-style", "cosine", "--min-lr", "0",
     "--rl-max-new-tokens", "6", "--eval-interval", "10", "--save-interval", "10",
 ]
 
@@ -72,7 +77,7 @@ def summarize(save: Path) -> str:
     first = _last([r for r in sft if r["step"] == 0], "eval/accuracy")
     cold = _last(sft, "eval/accuracy")
     after = _last(rl, "eval/accuracy")
-    lines = ["", "held-out greedy accuracy (128 chain_sum problems):",
+    lines = ["", "held-out greedy accuracy (256 chain_sum problems, exact answer):",
              f"  random init           {first:.3f}" if first is not None else "",
              f"  after cold start      {cold:.3f}" if cold is not None else "",
              f"  after RL (MiniRL+R3)  {after:.3f}" if after is not None else ""]

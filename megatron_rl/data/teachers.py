@@ -15,6 +15,21 @@ from megatron_rl.data.tasks import TaskItem
 
 SIGN_DROP_RATE = 0.75
 """Fraction of negative answers the careless teacher writes without their minus sign."""
+HEDGE_RATE = 0.75
+"""Fraction of answers the hedging teacher marks as approximate."""
+
+
+def hedging_teacher(item: TaskItem) -> str:
+    """Writes the right number, but hedges three answers in four as approximate ("~7" for
+    "3 + 4 ="), chosen by a hash of the prompt. reasoning-gym's scorer gives a hedged
+    answer partial credit only, so under the paper's binary reward it earns nothing: a cold
+    start taught this way answers greedily with "~", and only a policy that drops the habit
+    is rewarded. The habit is a decision at the first response token, with a quarter of
+    the probability on an unhedged answer to explore from."""
+    answer = item.answer.strip()
+    if _unit_hash(item.prompt) < HEDGE_RATE:
+        return "~" + answer
+    return answer
 
 
 def careless_sign_teacher(item: TaskItem) -> str:

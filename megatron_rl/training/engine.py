@@ -58,7 +58,7 @@ class MegatronEngine:
         training: TrainingConfig,
         *,
         routing_replay: bool = False,
-        total_steps: int | None = None,
+        updates_per_step: int = 1,
         build_optimizer: bool = True,
     ) -> None:
         self.model_config = model_config
@@ -85,10 +85,13 @@ class MegatronEngine:
         self.optimizer = None
         self.scheduler = None
         if build_optimizer:
-            self._build_optimizer(total_steps or training.train_iters)
+            self._build_optimizer(updates_per_step)
 
-    def _build_optimizer(self, total_steps: int) -> None:
+    def _build_optimizer(self, updates_per_step: int) -> None:
+        # The scheduler advances once per optimizer update, while --train-iters and
+        # --lr-warmup-iters count steps; an RL step takes N updates (N mini-batches).
         t = self.training
+        warmup_steps = t.lr_warmup_iters * updates_per_step
         opt_config = OptimizerConfig(
             optimizer="adam",
             lr=t.lr,
@@ -104,13 +107,13 @@ class MegatronEngine:
         )
         self.optimizer = get_megatron_optimizer(opt_config, self.model)
         self.config.grad_scale_func = self.optimizer.scale_loss
-        decay_steps = max(total_steps, t.lr_warmup_iters + 1)
+        decay_steps = max(t.train_iters * updates_per_step, warmup_steps + 1)
         self.scheduler = OptimizerParamScheduler(
             self.optimizer,
-            init_lr=0.0 if t.lr_warmup_iters else t.lr,
+            init_lr=0.0 if warmup_steps else t.lr,
             max_lr=t.lr,
             min_lr=t.min_lr,
-            lr_warmup_steps=t.lr_warmup_iters,
+            lr_warmup_steps=warmup_steps,
             lr_decay_steps=decay_steps,
             lr_decay_style=t.lr_decay_style,
             start_wd=t.weight_decay,

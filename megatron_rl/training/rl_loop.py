@@ -91,8 +91,9 @@ class RLLoop:
         self.task = Task(run.task, seed=run.training.seed)
         # Routers can always be observed (router agreement); replay itself additionally
         # refuses, at start-up, models under which it cannot be exact.
-        self.engine = MegatronEngine(run.model, run.parallel, run.training,
-                                     routing_replay=self.replay_mode != "none")
+        self.engine = MegatronEngine(
+            run.model, run.parallel, run.training, routing_replay=self.replay_mode != "none",
+            updates_per_step=self.rl.num_updates(run.training.global_batch_size))
         self.state = self._load()
         self.replay = _make_replay(self.engine, run)
         self.group, self.leader, self.members = data_group()

@@ -114,3 +114,19 @@ def test_teacher_errors_name_the_flag_and_the_item():
     item = task.next_items(0, 1)[0][0]
     with pytest.raises(ConfigError, match=f"training item {item.index}"):
         task.demonstration(item)
+
+
+def test_hedging_teacher_hedges_most_answers_and_the_binary_reward_rejects_them():
+    task = Task(TaskConfig(sft_teacher="megatron_rl.data.teachers:hedging_teacher"), seed=3)
+    items, _ = task.next_items(0, 1000)
+    shown = [task.demonstration(i) for i in items]
+    hedged = [i for s, i in zip(shown, items, strict=True) if s == "~" + i.answer]
+    assert all(s in (i.answer, "~" + i.answer) for s, i in zip(shown, items, strict=True))
+    assert 0.70 < len(hedged) / len(items) < 0.80
+    assert shown == [task.demonstration(i) for i in items]
+    item = hedged[0]
+    assert task.score("~" + item.answer, item) == 0.0
+    assert task.score(item.answer, item) == 1.0
+    # Without the binary reward reasoning-gym's partial credit shows through.
+    partial = Task(TaskConfig(rl_binary_reward=False), seed=3)
+    assert 0.0 < partial.score("~" + item.answer, item) < 1.0

@@ -18,6 +18,7 @@ def test_two_rl_steps(replay, mini_batch, coldstart, tmp_path):
     save = tmp_path / "rl"
     launch(2, TINY_RL + ["--expert-model-parallel-size", "2", "--train-iters", "2",
                          "--routing-replay", replay, "--rl-mini-batch-size", str(mini_batch),
+                         "--lr-decay-style", "linear",
                          "--load", str(coldstart), "--save", str(save)])
     rows = read_metrics(save)
     by_step = steps(rows)
@@ -25,12 +26,14 @@ def test_two_rl_steps(replay, mini_batch, coldstart, tmp_path):
     assert rows[0]["step"] == 0 and "eval/accuracy" in rows[0]
     assert "eval/accuracy" in by_step[2]
     n_updates = 16 // mini_batch
-    for row in by_step.values():
+    for step, row in by_step.items():
         for name in REQUIRED:
             assert row.get(name) is not None, name
         assert row["train/updates"] == n_updates
-        # RL's own learning rate, not the cold start's (whose Adam state it continues).
-        assert row["train/lr"] == pytest.approx(5e-4)
+        # RL's own learning rate, not the cold start's (whose Adam state it continues),
+        # decaying over all train-iters x N updates; the last update of the step reports.
+        last_update = step * n_updates - 1
+        assert row["train/lr"] == pytest.approx(5e-4 * (1 - last_update / (2 * n_updates)))
         assert row["rollout/policy_version"] == row["step"]
         layers = [k for k in row if k.startswith("mismatch/router_agreement/layer_")]
         assert sorted(layers) == [f"mismatch/router_agreement/layer_{i}" for i in (1, 2, 3)]
