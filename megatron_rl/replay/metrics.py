@@ -2,8 +2,12 @@
 
 * ``mismatch/router_agreement``: fraction of (token, MoE layer) pairs whose top-k set the
   trainer's router would choose from its own logits equals the micro-batch's routes
-  (the rollout's under R3 / observation, the recorded ones in R2 updates) -- measured
-  even while those routes are replayed. ``.../layer_{i}`` per global layer index i.
+  -- measured even while those routes are replayed. ``.../layer_{i}`` per global layer
+  index i. The RL loop reports it from the pi_old pass against the rollout's routes
+  (every replay mode), and renames what the updates measure (against the replay target:
+  the rollout's under R3, the pi_old pass's under R2) to ``replay/target_agreement``
+  with :func:`as_target_agreement`, so staleness of the routing is not mixed into the
+  training-inference figure.
 * ``replay/fidelity``: fraction of (token, MoE layer) pairs whose experts actually used
   (the router's returned routing map) are exactly the replay target. Anything below 1
   means some path ignored the replay.
@@ -21,6 +25,13 @@ from megatron_rl.metrics.stats import Stat
 
 AGREEMENT = "mismatch/router_agreement"
 FIDELITY = "replay/fidelity"
+TARGET_AGREEMENT = "replay/target_agreement"
+
+
+def as_target_agreement(stats: dict[str, Stat]) -> dict[str, Stat]:
+    """``stats`` of an update pass with the agreement keys renamed (see module doc)."""
+    return {TARGET_AGREEMENT + key[len(AGREEMENT):] if key.startswith(AGREEMENT) else key: v
+            for key, v in stats.items()}
 
 
 def expert_map(ids: torch.Tensor, num_experts: int) -> torch.Tensor:

@@ -197,6 +197,7 @@ class RLLoop:
         stats = old_logprobs(
             self.engine, samples, self.layout, replay=self.replay, replay_mode=mode,
             record_routes=self.replay_mode == "r2", temperature=self.rollout_cfg.temperature,
+            carry_routes=self.want_routes,
         )
         record.add_stats(stats)
         record.scalars["time/logprob"] = time.perf_counter() - t0

@@ -18,6 +18,7 @@ from megatron.core import parallel_state as ps
 from megatron_rl.data.packing import MicroBatch, Sample, set_global_counts, split_microbatches
 from megatron_rl.loss import ObjectiveConfig
 from megatron_rl.metrics.stats import Stat, merge_stats
+from megatron_rl.replay.metrics import as_target_agreement
 from megatron_rl.training.engine import MegatronEngine, StepResult
 from megatron_rl.training.forward_step import cp_unsplit, make_forward_step
 from megatron_rl.training.rl_losses import old_logprob_pass, policy_loss
@@ -84,11 +85,14 @@ def old_logprobs(
     replay_mode: str = "off",
     record_routes: bool = False,
     temperature: float = 1.0,
+    carry_routes: bool = False,
 ) -> dict[str, Stat]:
     """Fill ``sample.old_logprobs`` (last pipeline stage) and, when ``record_routes``,
-    ``sample.routes`` with the experts this stage's routers chose (R2)."""
-    batches, length = make_batches(samples, layout, with_routes=replay_mode == "replay"
-                                   or replay_mode == "observe")
+    ``sample.routes`` with the experts this stage's routers chose (R2). ``carry_routes``:
+    the samples hold the rollout's routes, to replay or to compare with (R2 records the
+    trainer's own choice and measures its agreement with the rollout's)."""
+    batches, length = make_batches(samples, layout, with_routes=carry_routes and replay_mode
+                                   in ("replay", "observe", "record"))
     forward_step = make_forward_step(old_logprob_pass(temperature), replay)
     context = replay.pass_mode(replay_mode) if replay is not None else _null()
     with context:
@@ -139,7 +143,7 @@ def policy_updates(
                                        loss_of=lambda out: out["loss"])
         stats = merge_stats([o["stats"] for o in result.outputs])
         if replay is not None:
-            stats.update(replay.stats())
+            stats.update(as_target_agreement(replay.stats()))
         results.append((result, stats))
         if on_update is not None:
             on_update(u)

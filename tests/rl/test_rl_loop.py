@@ -39,10 +39,17 @@ def test_two_rl_steps(replay, mini_batch, coldstart, tmp_path):
         assert sorted(layers) == [f"mismatch/router_agreement/layer_{i}" for i in (1, 2, 3)]
         assert 0.0 <= row["mismatch/router_agreement"] <= 1.0
         if replay == "none":
-            assert "replay/fidelity" not in row
+            assert "replay/fidelity" not in row and "replay/target_agreement" not in row
         else:
             # r3: the experts used in the updates are the rollout's; r2: the pi_old pass's.
             assert row["replay/fidelity"] == 1.0
+            assert 0.0 <= row["replay/target_agreement"] <= 1.0
+        if replay == "r2" and n_updates == 1:
+            # One update per pi_old pass, same weights: the update's own routing is exactly
+            # what the pi_old pass recorded, while the rollout engine (bf16) disagrees on
+            # some pairs -- the two figures must not be mixed up.
+            assert row["replay/target_agreement"] == 1.0
+            assert row["mismatch/router_agreement"] < 1.0
         if n_updates == 2:
             # The second update sees a policy one step newer than pi_old.
             assert f"train/staleness_kl/update_{n_updates - 1}" in row
