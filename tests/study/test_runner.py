@@ -114,7 +114,17 @@ def test_a_folder_made_with_other_settings_is_refused(tmp_path):
         changed.action()
 
 
-def test_parallel_runs_overlap_and_interrupt_ends_only_its_runs(tmp_path, fake_trainer):
+@pytest.fixture
+def python_sigint():
+    """Python's own Ctrl-C handler: libraries used by earlier tests in this process
+    (servers, loggers) may have installed theirs."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_parallel_runs_overlap_and_interrupt_ends_only_its_runs(tmp_path, fake_trainer,
+                                                                 python_sigint):
     jobs = [_job(tmp_path, f"p{i}", sleep=60.0) for i in range(3)]
     for job in jobs:
         job.prepare("new")
