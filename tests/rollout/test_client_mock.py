@@ -327,3 +327,37 @@ def test_restarted_server_without_a_checkpoint_to_reload_is_kept_out():
     samples = c.generate_batch(requests(6), "s")
     assert {s.server_url for s in samples} == {B} and server.updates == []
     assert list(c.down_servers) == [A]
+
+
+def test_high_concurrency_spreads_over_small_pools_without_limiting_it(monkeypatch):
+    in_flight, peak = 0, 0
+
+    async def generate(request):
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await asyncio.sleep(0.02)
+        in_flight -= 1
+        return httpx.Response(200, json=sglang_response(json.loads(request.content), SHAPE)[0])
+
+    created = []
+    original = RolloutClient._http
+
+    def counting_http(self, in_flight=None):
+        created.append(in_flight)
+        return original(self, in_flight)
+
+    monkeypatch.setattr(RolloutClient, "_http", counting_http)
+    other = fake_sglang(SHAPE)
+
+    async def handle(request):
+        return await generate(request) if request.url.path == "/generate" else other(request)
+
+    batch = requests(100)
+    samples = client([A], httpx.MockTransport(handle), concurrency=64).generate_batch(
+        batch, "wide")
+    assert [s.request_id for s in samples] == [f"wide/p{i // 4}/s{i % 4}" for i in range(100)]
+    # 64 in flight over 4 pools of 16 (each with room for twice its share); the
+    # concurrency itself is kept.
+    assert created == [32, 32, 32, 32]
+    assert 16 < peak <= 64
