@@ -13,8 +13,6 @@ import zlib
 
 from megatron_rl.data.tasks import TaskItem
 
-SIGN_DROP_RATE = 0.75
-"""Fraction of negative answers the careless teacher writes without their minus sign."""
 HEDGE_RATE = 0.75
 """Fraction of answers the hedging teacher marks as approximate."""
 
@@ -29,18 +27,6 @@ def hedging_teacher(item: TaskItem) -> str:
     answer = item.answer.strip()
     if _unit_hash(item.prompt) < HEDGE_RATE:
         return "~" + answer
-    return answer
-
-
-def careless_sign_teacher(item: TaskItem) -> str:
-    """Writes the reference answer, but drops the minus sign of a negative answer three
-    times in four (chosen by a hash of the prompt, so the same item always gets the same
-    demonstration). A cold start taught this way says "3" for "2 - 5 =" most of the time
-    while still putting some probability on "-3", which a binary exact-answer reward can
-    find; greedy decoding of the cold start gets almost every negative answer wrong."""
-    answer = item.answer.strip()
-    if answer.startswith("-") and _unit_hash(item.prompt) < SIGN_DROP_RATE:
-        return answer[1:]
     return answer
 
 

@@ -241,10 +241,11 @@ class RolloutClient:
         if len(set(rids)) != len(rids):
             raise ValueError(f"batch {batch_id}: two requests share a (prompt_index, sample_index)")
         started = time.perf_counter()
-        shards = max(1, math.ceil(min(self.concurrency, len(requests)) / REQUESTS_PER_POOL))
+        in_flight = min(self.concurrency, len(requests))
+        shards = max(1, math.ceil(in_flight / REQUESTS_PER_POOL))
         # Requests go round-robin to the pools; slack keeps a pool that momentarily holds
         # more than its share from queueing a request for a connection.
-        per_pool = 2 * math.ceil(self.concurrency / shards)
+        per_pool = 2 * math.ceil(in_flight / shards)
         async with contextlib.AsyncExitStack() as stack:
             clients = [await stack.enter_async_context(self._http(per_pool))
                        for _ in range(shards)]

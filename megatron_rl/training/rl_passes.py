@@ -91,8 +91,9 @@ def old_logprobs(
     ``sample.routes`` with the experts this stage's routers chose (R2). ``carry_routes``:
     the samples hold the rollout's routes, to replay or to compare with (R2 records the
     trainer's own choice and measures its agreement with the rollout's)."""
-    batches, length = make_batches(samples, layout, with_routes=carry_routes and replay_mode
-                                   in ("replay", "observe", "record"))
+    if replay_mode == "replay" and not carry_routes:
+        raise ValueError("the pi_old pass replays routes only when the samples carry them")
+    batches, length = make_batches(samples, layout, with_routes=carry_routes)
     forward_step = make_forward_step(old_logprob_pass(temperature), replay)
     context = replay.pass_mode(replay_mode) if replay is not None else _null()
     with context:
