@@ -5,8 +5,10 @@ Reliability model, per rollout batch:
 - every sample has a stable request id ``{batch_id}/p{prompt}/s{sample}`` and a
   ``sampling_seed`` derived from it, and results are keyed by that id: a sample is
   recorded exactly once, and a retried request samples the same tokens (same weights);
-- at most ``concurrency`` requests are in flight; each goes to the live server with the
-  fewest requests in flight (a retry avoids the server that just failed it);
+- the samples of one prompt go as one batched ``/generate`` (``group_requests``; else one
+  request per sample); at most ``concurrency`` samples are in flight, and each request
+  goes to the live server with the fewest samples in flight (a retry avoids the server
+  that just failed it). A request succeeds or is retried as a whole;
 - a connection error makes the server *suspect*: it gets no new requests while a probe
   calls ``/health`` up to ``retries`` times with exponential backoff. If it answers, it
   is back; if not, it is declared *down* -- logged by URL, listed in ``down_servers`` --
@@ -49,6 +51,7 @@ from megatron_rl.rollout.protocol import (
     RolloutProtocolError,
     RolloutServerError,
     SamplingParams,
+    build_batch_request,
     build_generate_request,
     decode_generate_response,
 )
@@ -94,12 +97,23 @@ def sample_seed(base_seed: int, rid: str) -> int:
 
 def run_sync(coro: Coroutine[Any, Any, T]) -> T:
     """Run ``coro`` to completion from synchronous code (also inside a running loop)."""
+    box: list[T] = []
+
+    async def main() -> None:
+        # The main task returns nothing: on the way out, asyncio.run's SIGINT bookkeeping
+        # (signal.getsignal on Python 3.11) formats the repr of the task -- result
+        # included -- and a rollout batch's samples with their tensors took ~0.1 s of
+        # CPU to print.
+        box.append(await coro)
+
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(coro)
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, coro).result()
+        asyncio.run(main())
+    else:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, main()).result()
+    return box[0]
 
 
 class _Retry(Exception):
@@ -124,6 +138,7 @@ class RolloutClient:
         api_key: str | None = None,
         seed: int = 1234,
         concurrency: int = 64,
+        group_requests: bool = True,
         timeout_s: float = 600.0,
         retries: int = 5,
         retry_backoff_s: float = 1.0,
@@ -145,6 +160,7 @@ class RolloutClient:
         self.sampling = sampling or SamplingParams()
         self.api_key, self.seed = api_key, seed
         self.concurrency, self.timeout_s = concurrency, timeout_s
+        self.group_requests = group_requests
         self.retries, self.retry_backoff_s = retries, retry_backoff_s
         self.on_server_failure = on_server_failure
         self.return_routed_experts, self.progress = return_routed_experts, progress
@@ -193,6 +209,7 @@ class RolloutClient:
             api_key=config.api_key,
             seed=config.seed,
             concurrency=config.concurrency,
+            group_requests=config.group_requests,
             timeout_s=config.timeout_s,
             retries=config.retries,
             retry_backoff_s=config.retry_backoff_s,
@@ -241,11 +258,12 @@ class RolloutClient:
         if len(set(rids)) != len(rids):
             raise ValueError(f"batch {batch_id}: two requests share a (prompt_index, sample_index)")
         started = time.perf_counter()
-        in_flight = min(self.concurrency, len(requests))
-        shards = max(1, math.ceil(in_flight / REQUESTS_PER_POOL))
-        # Requests go round-robin to the pools; slack keeps a pool that momentarily holds
-        # more than its share from queueing a request for a connection.
-        per_pool = 2 * math.ceil(in_flight / shards)
+        groups = self._groups(requests, rids)
+        calls = min(self.concurrency, len(groups))  # most /generate calls in flight
+        shards = max(1, math.ceil(calls / REQUESTS_PER_POOL))
+        # Calls go round-robin to the pools; slack keeps a pool that momentarily holds
+        # more than its share from queueing a call for a connection.
+        per_pool = 2 * math.ceil(calls / shards)
         async with contextlib.AsyncExitStack() as stack:
             clients = [await stack.enter_async_context(self._http(per_pool))
                        for _ in range(shards)]
@@ -263,24 +281,23 @@ class RolloutClient:
             )
             await self._rejoin_down_servers(http, pool)
             self._retries = 0
-            semaphore = asyncio.Semaphore(self.concurrency)
+            limit = _SampleLimit(self.concurrency)
             with _progress(self.progress, len(requests), batch_id) as advance:
 
-                async def one(request: RolloutRequest, rid: str,
-                              client: httpx.AsyncClient) -> RolloutSample:
-                    async with semaphore:
-                        sample = await self._generate_one(pool, client, request, rid)
-                    advance()
-                    if on_sample is not None:
-                        on_sample(sample)
-                    return sample
+                async def one(group: list[tuple[RolloutRequest, str]],
+                              client: httpx.AsyncClient) -> list[RolloutSample]:
+                    async with limit.take(len(group)):
+                        samples = await self._generate_group(pool, client, group)
+                    for sample in samples:
+                        advance()
+                        if on_sample is not None:
+                            on_sample(sample)
+                    return samples
 
-                tasks = [
-                    asyncio.create_task(one(q, rid, clients[i % shards]))
-                    for i, (q, rid) in enumerate(zip(requests, rids, strict=True))
-                ]
+                tasks = [asyncio.create_task(one(group, clients[i % shards]))
+                         for i, group in enumerate(groups)]
                 try:
-                    results = await _gather_or_cancel(tasks, pool)
+                    results = [s for group in await _gather_or_cancel(tasks, pool) for s in group]
                 finally:
                     pool.close()
         by_rid = {s.request_id: s for s in results}
@@ -296,24 +313,41 @@ class RolloutClient:
         }
         return [by_rid[rid] for rid in rids]
 
-    async def _generate_one(
-        self, pool: ServerPool, http: httpx.AsyncClient, request: RolloutRequest, rid: str
-    ) -> RolloutSample:
-        body = build_generate_request(
-            rid=rid,
-            input_ids=request.prompt_ids,
-            sampling=self.sampling,
-            sampling_seed=sample_seed(self.seed, rid),
-            return_routed_experts=self.return_routed_experts,
-        )
+    def _groups(
+        self, requests: Sequence[RolloutRequest], rids: list[str]
+    ) -> list[list[tuple[RolloutRequest, str]]]:
+        """The /generate calls of a batch: the samples of each prompt index together (in
+        request order), or one call per sample."""
+        if not self.group_requests:
+            return [[(q, rid)] for q, rid in zip(requests, rids, strict=True)]
+        groups: dict[int, list[tuple[RolloutRequest, str]]] = {}
+        for q, rid in zip(requests, rids, strict=True):
+            groups.setdefault(q.prompt_index, []).append((q, rid))
+        return list(groups.values())
+
+    async def _generate_group(
+        self, pool: ServerPool, http: httpx.AsyncClient, group: list[tuple[RolloutRequest, str]]
+    ) -> list[RolloutSample]:
+        bodies = [
+            build_generate_request(
+                rid=rid,
+                input_ids=request.prompt_ids,
+                sampling=self.sampling,
+                sampling_seed=sample_seed(self.seed, rid),
+                return_routed_experts=self.return_routed_experts,
+            )
+            for request, rid in group
+        ]
+        body = bodies[0] if len(bodies) == 1 else build_batch_request(bodies)
+        label = group[0][1] + (f" (and {len(group) - 1} more of its group)" if len(group) > 1 else "")
         failures, unreachable, avoid = 0, 0, None
         while True:
             server = await pool.pick(avoid)
             avoid = server  # a retry goes elsewhere if it can
             started = time.perf_counter()
-            server.in_flight += 1
+            server.in_flight += len(group)
             try:
-                decoded = await self._attempt(http, server.url, body)
+                decoded = await self._attempt(http, server.url, body, bodies, label)
             except _Retry as retry:
                 failures += 1
                 if failures > self.retries:
@@ -330,70 +364,90 @@ class RolloutClient:
                 unreachable += 1
                 if unreachable > self.retries + len(self.urls):
                     raise RolloutServerError(
-                        f"request {rid!r}: gave up after {unreachable} connection failures, "
+                        f"request {label!r}: gave up after {unreachable} connection failures, "
                         f"last on {server.url} ({type(exc).__name__}: {exc})"
                     ) from exc
                 await pool.connection_failed(server, exc)
                 self._retries += 1
                 continue
             finally:
-                server.in_flight -= 1
-            if self.weight_version is not None and decoded.weight_version != self.weight_version:
-                raise RolloutProtocolError(
-                    f"generated with weight version {decoded.weight_version!r}, the servers were "
-                    f"updated to {self.weight_version!r}",
-                    rid=rid,
-                    server_url=server.url,
-                )
-            return RolloutSample(
-                prompt_index=request.prompt_index,
-                sample_index=request.sample_index,
-                prompt_ids=list(request.prompt_ids),
-                response_ids=decoded.output_ids,
-                rollout_logprobs=decoded.logprobs,
-                routes=decoded.routes,
-                finish_reason=decoded.finish_reason,
-                weight_version=decoded.weight_version,
-                prompt_tokens=decoded.prompt_tokens,
-                completion_tokens=decoded.completion_tokens,
-                latency_s=time.perf_counter() - started,
-                server_url=server.url,
-                request_id=rid,
-                metadata=dict(request.metadata),
-            )
+                server.in_flight -= len(group)
+            latency = time.perf_counter() - started
+            return [self._sample(request, rid, answer, server.url, latency)
+                    for (request, rid), answer in zip(group, decoded, strict=True)]
 
-    async def _attempt(self, http: httpx.AsyncClient, url: str, body: dict) -> GenerateResponse:
-        """One ``/generate`` call. Raises :class:`_Retry` for what a retry may fix (timeout,
-        5xx, abort), ``httpx.TransportError`` when the server is unreachable, and
+    def _sample(self, request: RolloutRequest, rid: str, decoded: GenerateResponse,
+                url: str, latency_s: float) -> RolloutSample:
+        if self.weight_version is not None and decoded.weight_version != self.weight_version:
+            raise RolloutProtocolError(
+                f"generated with weight version {decoded.weight_version!r}, the servers were "
+                f"updated to {self.weight_version!r}",
+                rid=rid,
+                server_url=url,
+            )
+        return RolloutSample(
+            prompt_index=request.prompt_index,
+            sample_index=request.sample_index,
+            prompt_ids=list(request.prompt_ids),
+            response_ids=decoded.output_ids,
+            rollout_logprobs=decoded.logprobs,
+            routes=decoded.routes,
+            finish_reason=decoded.finish_reason,
+            weight_version=decoded.weight_version,
+            prompt_tokens=decoded.prompt_tokens,
+            completion_tokens=decoded.completion_tokens,
+            latency_s=latency_s,
+            server_url=url,
+            request_id=rid,
+            metadata=dict(request.metadata),
+        )
+
+    async def _attempt(
+        self, http: httpx.AsyncClient, url: str, body: dict, bodies: list[dict], label: str
+    ) -> list[GenerateResponse]:
+        """One ``/generate`` call (of ``bodies``, batched into ``body`` when several).
+        Raises :class:`_Retry` for what a retry may fix (timeout, 5xx, abort),
+        ``httpx.TransportError`` when the server is unreachable, and
         :class:`RolloutProtocolError` for refusals (4xx) and malformed responses."""
-        rid = body["rid"]
         try:
             response = await http.post(f"{url}/generate", json=body)
         except httpx.TimeoutException as exc:
             message = f"no answer within {self.timeout_s} s ({type(exc).__name__})"
-            raise _Retry(RolloutProtocolError(message, rid=rid, server_url=url)) from None
+            raise _Retry(RolloutProtocolError(message, rid=label, server_url=url)) from None
         status = response.status_code
         if status >= 500:
             message = f"HTTP {status}: {response.text[:300]}"
-            raise _Retry(RolloutProtocolError(message, rid=rid, server_url=url))
+            raise _Retry(RolloutProtocolError(message, rid=label, server_url=url))
         if status >= 400:
             message = f"HTTP {status}: {response.text[:500]}"
-            raise RolloutProtocolError(message, rid=rid, server_url=url)
+            raise RolloutProtocolError(message, rid=label, server_url=url)
         try:
             # Parsing and decoding a long response takes tens of ms: keep the event loop
             # free for the other requests meanwhile.
-            return await asyncio.to_thread(self._decode, response, body, url)
+            return await asyncio.to_thread(self._decode, response, bodies, url, label)
         except RolloutAbortedError as exc:
             raise _Retry(exc) from None
 
-    def _decode(self, response: httpx.Response, body: dict, url: str) -> GenerateResponse:
+    def _decode(
+        self, response: httpx.Response, bodies: list[dict], url: str, label: str
+    ) -> list[GenerateResponse]:
         try:
             payload = response.json()
         except ValueError as exc:
             raise RolloutProtocolError(
-                f"response is not JSON: {exc}", rid=body["rid"], server_url=url
+                f"response is not JSON: {exc}", rid=label, server_url=url
             ) from None
-        return decode_generate_response(payload, request=body, shape=self.shape, server_url=url)
+        if len(bodies) == 1:
+            return [decode_generate_response(payload, request=bodies[0], shape=self.shape,
+                                             server_url=url)]
+        if not isinstance(payload, list) or len(payload) != len(bodies):
+            got = f"a list of {len(payload)}" if isinstance(payload, list) else type(payload).__name__
+            raise RolloutProtocolError(
+                f"a batched /generate of {len(bodies)} sequences was answered with {got}",
+                rid=label, server_url=url,
+            )
+        return [decode_generate_response(answer, request=body, shape=self.shape, server_url=url)
+                for answer, body in zip(payload, bodies, strict=True)]
 
     async def _rejoin_down_servers(self, http: httpx.AsyncClient, pool: ServerPool) -> None:
         for server in pool.servers:
@@ -480,6 +534,29 @@ class RolloutClient:
             raise RolloutServerError(f"{what}: every rollout server is down: {self.down_servers}")
         async with self._http() as http:
             await call_all(http, targets, method, path, body, what)
+
+
+class _SampleLimit:
+    """At most ``capacity`` samples in flight; a call takes all of its samples at once (a
+    group larger than the capacity takes the whole capacity), so calls never hold part of
+    what they need while waiting for the rest."""
+
+    def __init__(self, capacity: int):
+        self.capacity = self.free = capacity
+        self.changed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def take(self, samples: int):
+        need = min(samples, self.capacity)
+        async with self.changed:
+            await self.changed.wait_for(lambda: self.free >= need)
+            self.free -= need
+        try:
+            yield
+        finally:
+            async with self.changed:
+                self.free += need
+                self.changed.notify_all()
 
 
 async def _gather_or_cancel(tasks: list[asyncio.Task], pool: ServerPool) -> list:

@@ -20,7 +20,13 @@ class RolloutConfig:
     api_key: str | None = field(default=None, metadata={"flag": "--rl-rollout-api-key"})
     """API key of the servers (sent as 'Authorization: Bearer <key>', as SGLang expects)."""
     concurrency: int = field(default=64, metadata={"flag": "--rl-rollout-concurrency"})
-    """Most /generate requests in flight at once, over all servers."""
+    """Most sequences in flight at once, over all servers (a grouped /generate counts as
+    the samples it carries)."""
+    group_requests: bool = field(default=True, metadata={"flag": "--rl-rollout-group-requests"})
+    """Send the G samples of a prompt as one batched /generate (SGLang's list inputs, one
+    rid and sampling seed per sample): one HTTP round trip per group, and the server gets
+    the group at once, so it prefills the shared prompt once. Off: one request per sample
+    (for a gateway that does not take batched requests)."""
     timeout_s: float = field(default=600.0, metadata={"flag": "--rl-rollout-timeout"})
     """Seconds one /generate request may take before it counts as failed and is retried."""
     retries: int = field(default=5, metadata={"flag": "--rl-rollout-retries"})

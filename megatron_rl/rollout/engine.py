@@ -3,7 +3,16 @@
 A background worker thread takes queued requests, runs them together (left padding,
 attention mask, explicit position ids, a shared KV cache; rows leave the batch as they
 finish) and resolves each request's future. Requests that arrive while a batch runs wait
-for the next batch (static batching: no admission into a running batch).
+for the next batch (static batching: no admission into a running batch); a batch forms
+while requests keep arriving less than ``batch_wait_s`` apart, so the burst of a rollout
+batch (one HTTP request after another) is served as one batch rather than cut at a fixed
+deadline.
+
+Rows with the same prompt share one prefill, whose KV cache, last logits, input logprobs
+and prompt routes are copied to each of them -- what SGLang's prefix cache does for the G
+samples of a group (it reports them as ``cached_tokens``, and its routes for a cached
+prefix are those of the forward pass that filled the cache). Each row computes the same
+values it would alone (prefill rows are independent), so sharing changes no result.
 
 Routed experts come from forward hooks on the MoE gates (``rollout.hf_model``), so they are
 exactly the experts each block dispatched to. They cover the tokens fed
@@ -78,6 +87,8 @@ class GenerationResult:
     finish_reason: dict
     weight_version: str
     prompt_tokens: int
+    cached_tokens: int
+    """Prompt tokens whose prefill this request shared with an earlier row of its batch."""
     latency_s: float
 
 
@@ -115,6 +126,7 @@ class GenerationEngine:
         dtype: str = "bf16",
         max_batch_size: int = 32,
         batch_wait_s: float = 0.005,
+        batch_max_wait_s: float = 0.1,
         context_length: int | None = None,
         weight_version: str = "default",
         original_logprobs: bool = False,
@@ -130,6 +142,7 @@ class GenerationEngine:
         self.context_length = context_length or self.config.max_position_embeddings
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_s
+        self.batch_max_wait_s = max(batch_max_wait_s, batch_wait_s)
         self.weight_version = weight_version
         self.original_logprobs = original_logprobs
         eos = self.config.eos_token_id
@@ -241,13 +254,20 @@ class GenerationEngine:
                 return None
             if isinstance(self._queue[0], _WeightSwap):
                 return self._queue.popleft()
-            deadline = time.monotonic() + self.batch_wait_s
-            # Concurrent HTTP requests arrive a few ms apart: wait a moment to batch them.
+            # Concurrent HTTP requests arrive a few ms apart: keep the batch open while they
+            # keep coming (each arrival within batch_wait_s of the last), up to the cap.
+            start = time.monotonic()
+            seen, deadline = len(self._queue), start + self.batch_wait_s
             while len(self._queue) < self.max_batch_size and not self._closed:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or any(isinstance(i, _WeightSwap) for i in self._queue):
+                if any(isinstance(i, _WeightSwap) for i in self._queue):
                     break
-                self._cond.wait(remaining)
+                now = time.monotonic()
+                if len(self._queue) > seen:
+                    seen = len(self._queue)
+                    deadline = min(now + self.batch_wait_s, start + self.batch_max_wait_s)
+                if now >= deadline:
+                    break
+                self._cond.wait(deadline - now)
             batch = []
             while self._queue and len(batch) < self.max_batch_size:
                 if isinstance(self._queue[0], _WeightSwap):
@@ -290,13 +310,17 @@ class GenerationEngine:
 
     @torch.inference_mode()
     def _run_batch(self, rows: list[_Row]) -> None:
+        # One prefill row per distinct prompt; owner[b] is row b's prefill row.
+        first: dict[tuple[int, ...], int] = {}
+        owner = [first.setdefault(tuple(r.request.input_ids), len(first)) for r in rows]
+        prompts = list(first)
         lengths = [len(r.request.input_ids) for r in rows]
-        batch, width = len(rows), max(lengths)
-        ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((batch, width), dtype=torch.long)
-        for b, row in enumerate(rows):
-            ids[b, width - lengths[b] :] = torch.tensor(row.request.input_ids)
-            mask[b, width - lengths[b] :] = 1
+        batch, unique, width = len(rows), len(prompts), max(lengths)
+        ids = torch.full((unique, width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((unique, width), dtype=torch.long)
+        for u, prompt in enumerate(prompts):
+            ids[u, width - len(prompt) :] = torch.tensor(prompt)
+            mask[u, width - len(prompt) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         capture = any(r.request.return_routed_experts for r in rows)
         full_logits = any(
@@ -313,18 +337,25 @@ class GenerationEngine:
             use_cache=True,
             logits_to_keep=0 if full_logits else 1,
         )
-        routes = self._capture.take(batch * width)
+        routes = self._capture.take(unique * width)
         input_logprobs = [None] * batch
         for b, row in enumerate(rows):
-            start = width - lengths[b]
+            u, start = owner[b], width - lengths[b]
             if routes is not None:
-                row.routes.append(routes.view(batch, width, *routes.shape[1:])[b, start:])
+                row.routes.append(routes.view(unique, width, *routes.shape[1:])[u, start:])
             if full_logits and row.request.return_logprob and row.request.logprob_start_len >= 0:
-                input_logprobs[b] = self._input_logprobs(row, out.logits[b, start:], ids[b, start:])
+                input_logprobs[b] = self._input_logprobs(row, out.logits[u, start:], ids[u, start:])
+        # The first row of each prompt filled the prefill; the others reused it.
+        leaders = {u: b for b, u in reversed(list(enumerate(owner)))}
+        cached = [0 if leaders[owner[b]] == b else lengths[b] for b in range(batch)]
+        logits = out.logits[:, -1]
+        if unique < batch:
+            index = torch.tensor(owner)
+            cache.batch_select_indices(index)
+            mask, logits = mask[index], logits[index]
 
         active = list(range(batch))
         next_position = torch.tensor(lengths)
-        logits = out.logits[:, -1]
         while True:
             tokens = self._sample(rows, active, logits)
             still = []
@@ -356,7 +387,7 @@ class GenerationEngine:
             logits = out.logits[:, -1]
 
         for b, row in enumerate(rows):
-            row.future.set_result(self._result(row, lengths[b], input_logprobs[b]))
+            row.future.set_result(self._result(row, lengths[b], cached[b], input_logprobs[b]))
 
     def _sample(self, rows: list[_Row], active: list[int], logits: torch.Tensor):
         picked = [rows[b] for b in active]
@@ -391,7 +422,9 @@ class GenerationEngine:
         start = row.request.logprob_start_len
         return ([None] + values)[start:]
 
-    def _result(self, row: _Row, prompt_len: int, input_logprobs) -> GenerationResult:
+    def _result(
+        self, row: _Row, prompt_len: int, cached_tokens: int, input_logprobs
+    ) -> GenerationResult:
         routed = None
         if row.request.return_routed_experts:
             fed = prompt_len + len(row.output_ids) - 1
@@ -410,5 +443,6 @@ class GenerationEngine:
             finish_reason=row.finish_reason or {"type": "abort", "message": "unfinished"},
             weight_version=self.weight_version,
             prompt_tokens=prompt_len,
+            cached_tokens=cached_tokens,
             latency_s=time.perf_counter() - row.submitted,
         )

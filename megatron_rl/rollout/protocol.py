@@ -111,6 +111,33 @@ def build_generate_request(
     return body
 
 
+BATCH_SHARED_FIELDS = ("return_logprob", "logprob_start_len", "stream", "return_routed_experts")
+"""Fields a batched /generate carries once for all its sequences."""
+
+
+def build_batch_request(bodies: list[dict[str, Any]]) -> dict[str, Any]:
+    """One batched ``POST /generate`` from single-sequence bodies (each built by
+    :func:`build_generate_request`): SGLang takes lists for ``rid``, ``input_ids`` and
+    ``sampling_params`` (so every sequence keeps its own seed) and answers a list in the
+    same order."""
+    if not bodies:
+        raise ValueError("a batched /generate needs at least one sequence")
+    for body in bodies[1:]:
+        for name in BATCH_SHARED_FIELDS:
+            if body.get(name) != bodies[0].get(name):
+                raise ValueError(
+                    f"request {body['rid']!r}: {name} differs from {bodies[0]['rid']!r} in one "
+                    "batched /generate"
+                )
+    batch: dict[str, Any] = {
+        "rid": [b["rid"] for b in bodies],
+        "input_ids": [b["input_ids"] for b in bodies],
+        "sampling_params": [b["sampling_params"] for b in bodies],
+    }
+    batch.update({k: bodies[0][k] for k in BATCH_SHARED_FIELDS if k in bodies[0]})
+    return batch
+
+
 @dataclass(kw_only=True)
 class GenerateResponse:
     """A checked ``/generate`` response for one sequence."""

@@ -12,7 +12,8 @@ the trainer uses, same request and response schema:
   a batch or ``n > 1`` returns a list, prompt-major.
 - ``GET /health``, ``GET /get_model_info`` (SGLang's fields plus ``model_shape``: vocabulary,
   layers, experts, top-k, MoE layers), ``GET /get_server_info``.
-- ``POST /flush_cache`` (a no-op that succeeds: there is no prefix cache to flush).
+- ``POST /flush_cache`` (a no-op that succeeds: prompts are shared only within a batch,
+  no prefix cache outlives it).
 - ``POST /update_weights_from_disk`` ``{model_path, load_format, weight_version,
   flush_cache}``: requests already queued finish on the old weights; a missing path or a
   checkpoint of another shape is refused with 400 and the old weights keep serving.
@@ -191,7 +192,7 @@ def _response(request: GenerationRequest, result: GenerationResult, engine) -> d
         "finish_reason": result.finish_reason,
         "prompt_tokens": result.prompt_tokens,
         "completion_tokens": len(result.output_ids),
-        "cached_tokens": 0,
+        "cached_tokens": result.cached_tokens,
         "weight_version": result.weight_version,
         "e2e_latency": result.latency_s,
     }

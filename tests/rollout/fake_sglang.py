@@ -63,6 +63,28 @@ def sglang_response(
     return {"text": "", "output_ids": output_ids, "meta_info": meta}, routes
 
 
+def split_batch(body: dict) -> list[dict] | None:
+    """The single-sequence bodies of a batched /generate (lists of rid, input_ids and
+    sampling_params), or None for a single request."""
+    if not isinstance(body.get("rid"), list):
+        return None
+    shared = {k: v for k, v in body.items() if k not in ("rid", "input_ids", "sampling_params")}
+    return [
+        {**shared, "rid": rid, "input_ids": ids, "sampling_params": params}
+        for rid, ids, params in zip(
+            body["rid"], body["input_ids"], body["sampling_params"], strict=True
+        )
+    ]
+
+
+def answer(body: dict, shape: ModelShape, **kwargs) -> dict | list[dict]:
+    """SGLang's answer to a single or batched /generate body."""
+    parts = split_batch(body)
+    if parts is None:
+        return sglang_response(body, shape, **kwargs)[0]
+    return [sglang_response(part, shape, **kwargs)[0] for part in parts]
+
+
 Handler = Callable[[httpx.Request], httpx.Response]
 
 
@@ -90,8 +112,7 @@ def fake_sglang(
         if path == "/generate":
             if generate is not None:
                 return generate(request)
-            body = json.loads(request.content)
-            return httpx.Response(200, json=sglang_response(body, shape)[0])
+            return httpx.Response(200, json=answer(json.loads(request.content), shape))
         if path in ("/flush_cache", "/update_weights_from_disk"):
             return httpx.Response(200, json={"success": True, "message": "ok"})
         return httpx.Response(404, json={"error": {"message": "not found"}})

@@ -10,7 +10,8 @@ from collections import Counter
 
 import httpx
 import pytest
-from fake_sglang import fake_sglang, sglang_response
+import torch
+from fake_sglang import answer, fake_sglang, sglang_response, split_batch
 
 from megatron_rl.model.config import preset
 from megatron_rl.rollout.client import RolloutClient, RolloutRequest, sample_seed
@@ -30,6 +31,7 @@ def routed(handlers: dict[str, object]) -> httpx.MockTransport:
 def client(urls, transport, **kwargs) -> RolloutClient:
     kwargs.setdefault("retries", 2)
     kwargs.setdefault("retry_backoff_s", 0.01)
+    kwargs.setdefault("group_requests", False)  # one request per sample unless a test groups
     return RolloutClient(
         urls,
         model_config=TINY,
@@ -361,3 +363,89 @@ def test_high_concurrency_spreads_over_small_pools_without_limiting_it(monkeypat
     # concurrency itself is kept.
     assert created == [32, 32, 32, 32]
     assert 16 < peak <= 64
+
+
+def test_group_goes_as_one_batched_request_with_a_seed_per_sample():
+    bodies = []
+
+    def generate(request):
+        body = json.loads(request.content)
+        bodies.append(body)
+        return httpx.Response(200, json=answer(body, SHAPE))
+
+    batch = requests(12, group=4)
+    c = client([A], routed({A: fake_sglang(SHAPE, generate=generate)}), group_requests=True)
+    samples = c.generate_batch(batch, "g")
+    assert len(bodies) == 3, "one /generate per prompt"
+    assert bodies[1]["rid"] == [f"g/p1/s{j}" for j in range(4)]
+    assert bodies[1]["input_ids"] == [batch[4 + j].prompt_ids for j in range(4)]
+    assert [p["sampling_seed"] for p in bodies[1]["sampling_params"]] == [
+        sample_seed(1234, f"g/p1/s{j}") for j in range(4)
+    ]
+    assert bodies[1]["return_routed_experts"] is True and bodies[1]["return_logprob"] is True
+    # The same samples as one request per sample: the grouping changes nothing downstream.
+    single = client([A], routed({A: fake_sglang(SHAPE)})).generate_batch(batch, "g")
+    for grouped, alone in zip(samples, single, strict=True):
+        assert grouped.request_id == alone.request_id
+        assert grouped.response_ids == alone.response_ids
+        assert torch.equal(grouped.rollout_logprobs, alone.rollout_logprobs)
+        assert torch.equal(grouped.routes, alone.routes)
+
+
+def test_group_is_retried_whole_and_each_sample_kept_once():
+    calls = Counter()
+
+    def flaky(request):
+        body = json.loads(request.content)
+        calls[body["rid"][0]] += 1
+        payload = answer(body, SHAPE)
+        if body["rid"][0] == "g/p0/s0" and calls["g/p0/s0"] == 1:
+            payload[2]["meta_info"]["finish_reason"] = {"type": "abort", "message": "retracted"}
+        return httpx.Response(200, json=payload)
+
+    c = client([A], routed({A: fake_sglang(SHAPE, generate=flaky)}), group_requests=True)
+    samples = c.generate_batch(requests(8, group=4), "g")
+    assert sorted(s.request_id for s in samples) == sorted(
+        f"g/p{i}/s{j}" for i in range(2) for j in range(4)
+    )
+    assert calls == {"g/p0/s0": 2, "g/p1/s0": 1} and c.last_batch_stats["retries"] == 1
+
+
+def test_batch_answer_of_the_wrong_length_names_the_group():
+    def short(request):
+        return httpx.Response(200, json=answer(json.loads(request.content), SHAPE)[:3])
+
+    c = client([A], routed({A: fake_sglang(SHAPE, generate=short)}), group_requests=True)
+    with pytest.raises(
+        RolloutProtocolError,
+        match=r"'b/p0/s0 \(and 3 more of its group\)'.*batched /generate of 4 sequences was "
+              r"answered with a list of 3",
+    ):
+        c.generate_batch(requests(4, group=4), "b")
+
+
+def test_concurrency_counts_samples_not_requests():
+    in_flight, peak = 0, 0
+
+    async def generate(request):
+        nonlocal in_flight, peak
+        parts = split_batch(json.loads(request.content))
+        in_flight += len(parts)
+        peak = max(peak, in_flight)
+        await asyncio.sleep(0.02)
+        in_flight -= len(parts)
+        return httpx.Response(200, json=answer(json.loads(request.content), SHAPE))
+
+    other = fake_sglang(SHAPE)
+
+    async def handle(request):
+        return await generate(request) if request.url.path == "/generate" else other(request)
+
+    c = client([A], httpx.MockTransport(handle), concurrency=8, group_requests=True)
+    assert len(c.generate_batch(requests(40, group=4), "c")) == 40
+    assert peak == 8, "two groups of 4 at a time"
+    # A group larger than the concurrency still goes, alone.
+    c = client([A], httpx.MockTransport(handle), concurrency=3, group_requests=True)
+    peak = 0
+    assert len(c.generate_batch(requests(8, group=4), "d")) == 8
+    assert peak == 4

@@ -3,6 +3,8 @@ reproduce, logprobs and routed experts are those of the model, SGLang's sampling
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from transformers.utils import logging as hf_logging
@@ -49,6 +51,59 @@ def test_batched_equals_one_at_a_time(engine):
         assert joint.output_ids == alone.output_ids
         assert joint.output_logprobs == alone.output_logprobs
         assert torch.equal(joint.routed_experts, alone.routed_experts)
+
+
+def test_rows_of_one_prompt_share_a_prefill_and_get_what_they_would_alone(engine, monkeypatch):
+    # A group of 4 samples of each of 2 prompts, plus a prompt of its own, with input
+    # logprobs: prefill rows are shared (SGLang's prefix-cache hit) and nothing changes.
+    group = [p for p in prompts(2, seed=7) for _ in range(4)] + prompts(1, seed=8)
+    batch = [
+        GenerationRequest(rid=f"g{i}", input_ids=p, sampling_seed=50 + i, max_new_tokens=6,
+                          return_logprob=True, logprob_start_len=1, return_routed_experts=True)
+        for i, p in enumerate(group)
+    ]  # fmt: skip
+    prefill_rows = []
+    forward = engine.model.forward
+
+    def counting(*args, **kwargs):
+        if kwargs["input_ids"].shape[1] > 1:
+            prefill_rows.append(kwargs["input_ids"].shape[0])
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(engine.model, "forward", counting)
+    together = engine.generate(batch)
+    assert prefill_rows == [3], "one prefill row per distinct prompt"
+    assert [r.cached_tokens for r in together] == [
+        0 if i in (0, 4, 8) else len(group[i]) for i in range(9)
+    ]
+    assert len({tuple(r.output_ids) for r in together}) > 3, "samples of a prompt differ"
+    for request, joint in zip(batch, together, strict=True):
+        (alone,) = engine.generate([request])
+        assert alone.cached_tokens == 0
+        assert joint.output_ids == alone.output_ids
+        assert joint.output_logprobs == alone.output_logprobs
+        assert joint.input_logprobs == alone.input_logprobs
+        assert torch.equal(joint.routed_experts, alone.routed_experts)
+
+
+def test_a_burst_of_requests_forms_one_batch(checkpoints):
+    # Requests arriving 5 ms apart for four times batch_wait_s (50 ms): the batch stays
+    # open while they keep coming, so all of them run together.
+    engine = GenerationEngine(checkpoints.main, dtype="bf16", max_batch_size=64, seed=0,
+                              batch_wait_s=0.05, batch_max_wait_s=5.0)
+    try:
+        sizes = []
+        run = engine._run_batch
+        engine._run_batch = lambda rows: (sizes.append(len(rows)), run(rows))
+        futures = []
+        for request in requests(40, max_new_tokens=2):
+            futures.append(engine.submit(request))
+            time.sleep(0.005)
+        for future in futures:
+            future.result()
+        assert sizes == [40]
+    finally:
+        engine.close()
 
 
 def test_seeds_reproduce_and_differ(engine):
