@@ -22,6 +22,13 @@ class RLConfig:
     rl_router_agreement: bool = True
     """Ask the rollout servers for routed experts even without r3, to measure how often
     the trainer's own top-k agrees with the inference engine's."""
+    rl_old_logprobs_from_first_update: bool = True
+    """pi_old of the first mini-batch is pi_theta of its own update (the weights have not
+    moved yet), so its separate pi_old forward is skipped: the first update's forward
+    scores it, with the same routing (R3 replays the rollout's routes in both; without
+    replay both route freely and the routers are observed) and the same statistics.
+    Saves 1/N of the pi_old pass (all of it at N = 1). R2 keeps the whole pass: it records
+    the routes of every mini-batch there."""
     rl_weight_version_check: Literal["strict", "warn", "off"] = "strict"
     """Every rollout sample must carry the policy version the trainer last synced."""
     rl_keep_weight_versions: int = 2

@@ -187,17 +187,27 @@ class RLLoop:
                 s.routes = None
         return train_samples
 
-    def compute_old_logprobs(self, samples, record: StepRecord) -> None:
-        """pi_old: R3 replays the rollout's routes, R2 records the trainer's own; both
-        (and no replay) measure how often the trainer agrees with the rollout engine."""
-        t0 = time.perf_counter()
+    def old_pass_mode(self) -> str:
+        """Routing of the pi_old pass: R3 replays the rollout's routes, R2 records the
+        trainer's own; both (and no replay) measure how often the trainer agrees with the
+        rollout engine."""
         mode = {"r3": "replay", "r2": "record"}.get(self.replay_mode, "observe")
-        if mode == "observe" and not self.want_routes:
-            mode = "off"
+        return "off" if mode == "observe" and not self.want_routes else mode
+
+    def first_update_is_old_pass(self) -> bool:
+        """See RLConfig.rl_old_logprobs_from_first_update."""
+        return self.rl.rl_old_logprobs_from_first_update and self.old_pass_mode() != "record"
+
+    def compute_old_logprobs(self, samples, record: StepRecord) -> None:
+        t0 = time.perf_counter()
+        if self.first_update_is_old_pass():
+            # The first mini-batch is scored by its own update (see update()).
+            n = self.rl.num_updates(self.run.training.global_batch_size)
+            samples = samples[len(samples) // n :]
         stats = old_logprobs(
-            self.engine, samples, self.layout, replay=self.replay, replay_mode=mode,
-            record_routes=self.replay_mode == "r2", temperature=self.rollout_cfg.temperature,
-            carry_routes=self.want_routes,
+            self.engine, samples, self.layout, replay=self.replay,
+            replay_mode=self.old_pass_mode(), record_routes=self.replay_mode == "r2",
+            temperature=self.rollout_cfg.temperature, carry_routes=self.want_routes,
         )
         record.add_stats(stats)
         record.scalars["time/logprob"] = time.perf_counter() - t0
@@ -211,6 +221,7 @@ class RLLoop:
             self.engine, samples, self.layout, self.objective, n, replay=self.replay,
             replay_mode=mode, temperature=self.rollout_cfg.temperature,
             on_update=self.progress.update_advance,
+            first_as_old_mode=self.old_pass_mode() if self.first_update_is_old_pass() else None,
         )
         skipped = 0
         for u, (result, stats) in enumerate(outcomes):

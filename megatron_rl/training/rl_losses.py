@@ -7,6 +7,8 @@ micro-batch with megatron_rl.loss.compute_loss.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from megatron.core import parallel_state as ps
 
@@ -46,16 +48,25 @@ def old_logprob_pass(temperature: float) -> LossFn:
     return loss_fn
 
 
-def policy_loss(config: ObjectiveConfig, temperature: float) -> LossFn:
-    """The RL objective of one micro-batch (globally normalised, see forward_step)."""
+def policy_loss(config: ObjectiveConfig, temperature: float,
+                old_from_current: bool = False) -> LossFn:
+    """The RL objective of one micro-batch (globally normalised, see forward_step).
+
+    ``old_from_current``: the weights are still those of pi_old (the first update of a
+    step), so pi_old is this forward's own log-probs, detached; the pi_old pass's
+    statistic (``logprob/entropy``) is reported from here."""
 
     def loss_fn(batch: MicroBatch, logits: torch.Tensor):
         # Entropy first: megatron's vocab-parallel cross-entropy works in place.
         entropy = token_entropy(logits, temperature)
         logprobs = token_logprobs(logits, batch.labels, temperature)
-        output = compute_loss(policy_inputs(batch, logprobs, entropy), config,
-                              seq_sum=_cp_seq_sum())
-        return output.loss, {"stats": output.stats}
+        inputs = policy_inputs(batch, logprobs, entropy)
+        extra = {}
+        if old_from_current:
+            inputs = dataclasses.replace(inputs, old_logprobs=logprobs.detach().flatten())
+            extra["logprob/entropy"] = Stat.mean(entropy, batch.loss_mask)
+        output = compute_loss(inputs, config, seq_sum=_cp_seq_sum())
+        return output.loss, {"stats": {**output.stats, **extra}}
 
     return loss_fn
 

@@ -4,6 +4,11 @@ Both run megatron-core's pipeline schedule over micro-batches of this rank's sam
 Routing replay is switched per pass: R3 replays the rollout's routes in both; R2
 records the trainer's routes in the pi_old pass and replays them in the updates; with
 replay off the routers route freely and are only observed (router agreement).
+
+The first update may stand in for the pi_old pass of its own mini-batch (the weights
+have not moved yet): it then runs in the pi_old pass's routing mode, takes pi_old as its
+detached log-probs, and reports what that pass would have (entropy, router agreement
+with the rollout).
 """
 
 from __future__ import annotations
@@ -93,6 +98,10 @@ def old_logprobs(
     trainer's own choice and measures its agreement with the rollout's)."""
     if replay_mode == "replay" and not carry_routes:
         raise ValueError("the pi_old pass replays routes only when the samples carry them")
+    if not samples:
+        return {}
+    for i, sample in enumerate(samples):
+        sample.index = i  # positions in this pass (a caller may pass a tail of the batch)
     batches, length = make_batches(samples, layout, with_routes=carry_routes)
     forward_step = make_forward_step(old_logprob_pass(temperature), replay)
     context = replay.pass_mode(replay_mode) if replay is not None else _null()
@@ -124,27 +133,43 @@ def policy_updates(
     replay_mode: str = "off",
     temperature: float = 1.0,
     on_update=None,
+    first_as_old_mode: str | None = None,
 ) -> list[tuple[StepResult, dict[str, Stat]]]:
-    """N gradient updates on consecutive mini-batches of this rank's samples."""
+    """N gradient updates on consecutive mini-batches of this rank's samples.
+
+    ``first_as_old_mode``: the first update also stands in for its mini-batch's pi_old
+    pass, run in this routing mode (the pi_old pass's: 'replay' under R3, 'observe' or
+    'off' without replay); its samples need no ``old_logprobs``."""
+    if first_as_old_mode not in (None, "replay", "observe", "off"):
+        raise ValueError(f"the first update cannot stand in for a {first_as_old_mode!r} "
+                         "pi_old pass (R2 records its routes there)")
     per_update = len(samples) // num_updates
     results = []
     for u in range(num_updates):
         mini = samples[u * per_update : (u + 1) * per_update]
         for i, sample in enumerate(mini):
             sample.index = i
+        as_old = u == 0 and first_as_old_mode is not None
+        mode = first_as_old_mode if as_old else replay_mode
         num_samples = _agreed(len(mini), dist.ReduceOp.SUM) // _dp_replicas()
         num_tokens = _agreed(sum(s.response_len for s in mini), dist.ReduceOp.SUM) // _dp_replicas()
-        batches, length = make_batches(mini, layout, with_routes=replay_mode in ("replay", "observe"))
+        batches, length = make_batches(mini, layout, with_routes=mode in ("replay", "observe"))
         set_global_counts(batches, num_samples, num_tokens)
-        forward_step = make_forward_step(policy_loss(objective, temperature), replay)
-        context = replay.pass_mode(replay_mode) if replay is not None else _null()
+        forward_step = make_forward_step(policy_loss(objective, temperature, as_old), replay)
+        context = replay.pass_mode(mode) if replay is not None else _null()
         with context:
             result = engine.train_step(forward_step, batches, seq_length=length,
                                        micro_batch_size=layout.micro_batch_size,
                                        loss_of=lambda out: out["loss"])
         stats = merge_stats([o["stats"] for o in result.outputs])
         if replay is not None:
-            stats.update(as_target_agreement(replay.stats()))
+            measured = replay.stats()
+            if as_old:
+                # Agreement with the rollout's routes, as the pi_old pass reports it; under
+                # R3 that is also the update's agreement with its replay target.
+                stats.update(measured)
+            if not as_old or mode == "replay":
+                stats.update(as_target_agreement(measured))
         results.append((result, stats))
         if on_update is not None:
             on_update(u)
