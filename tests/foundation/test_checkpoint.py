@@ -10,23 +10,19 @@ WORKER = WORKERS / "train_layout.py"
 @pytest.mark.slow
 def test_roundtrip_is_exact_and_resume_continues_identically(torchrun, tmp_path):
     ckpt = tmp_path / "ckpt"
-    # Uninterrupted: 3 steps, checkpoint after step 1, dump the state at the end of step 1
-    # by running a 1-step job separately (same seeds).
-    full = torchrun(WORKER, 1, ["--steps", "3", "--save", str(ckpt), "--save-at", "1"],
-                    tmp_path / "full")[0]
-    saver = torchrun(WORKER, 1, ["--steps", "1", "--dump"], tmp_path / "saver")[0]
-    torchrun(WORKER, 1, ["--steps", "0", "--load", str(ckpt), "--dump"],
-                      tmp_path / "loaded")[0]
-    assert saver["losses"] == full["losses"][:1]
-    before = torch.load(tmp_path / "saver" / "dump0.pt", weights_only=False)
-    after = torch.load(tmp_path / "loaded" / "dump0.pt", weights_only=False)
+    # Uninterrupted: 3 steps, checkpoint after step 1, the state of step 1 dumped as saved.
+    full = torchrun(WORKER, 1, ["--steps", "3", "--save", str(ckpt), "--save-at", "1",
+                                "--dump-at", "1"], tmp_path / "full")[0]
+    # Another process loads it, dumps what it loaded, and runs steps 2 and 3.
+    resumed = torchrun(WORKER, 1, ["--steps", "2", "--start-step", "1", "--load", str(ckpt),
+                                   "--dump-at", "0"], tmp_path / "resumed")[0]
+    before = torch.load(tmp_path / "full" / "dump0.pt", weights_only=False)
+    after = torch.load(tmp_path / "resumed" / "dump0.pt", weights_only=False)
     assert before["params"].keys() == after["params"].keys()
     for name, value in before["params"].items():
         assert torch.equal(value, after["params"][name]), name
     _assert_same_optimizer_state(before["optimizer"], after["optimizer"])
     # Resuming from the checkpoint reproduces steps 2 and 3 exactly.
-    resumed = torchrun(WORKER, 1, ["--steps", "2", "--start-step", "1", "--load", str(ckpt)],
-                       tmp_path / "resumed")[0]
     assert resumed["losses"] == full["losses"][1:]
     assert resumed["grad_norms"] == full["grad_norms"][1:]
 

@@ -39,7 +39,8 @@ def main():
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--start-step", type=int, default=0, help="index of the first step's data")
     p.add_argument("--micro-batch-size", type=int, default=2)
-    p.add_argument("--dump", action="store_true", help="write parameters/optimizer state")
+    p.add_argument("--dump-at", type=int, default=None,
+                   help="write parameters/optimizer state after this many steps (0: at start)")
     p.add_argument("--recompute", action="store_true")
     p.add_argument("--dispatcher", default="allgather")
     args = p.parse_args()
@@ -70,8 +71,17 @@ def main():
     engine = MegatronEngine(model, parallel, training)
     if args.load:
         ckpt.load_checkpoint(engine, args.load)
+    rank = torch.distributed.get_rank()
+
+    def dump() -> None:
+        params = {n: p.detach().clone() for c in engine.chunks for n, p in c.named_parameters()}
+        torch.save({"params": params, "optimizer": engine.optimizer.state_dict()},
+                   os.path.join(args.out, f"dump{rank}.pt"))
+
     if args.save and args.save_at == 0:
         ckpt.save_checkpoint(engine, args.save, 0, {})
+    if args.dump_at == 0:
+        dump()
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     forward_step = make_forward_step(sft_loss())
     losses, norms = [], []
@@ -92,12 +102,9 @@ def main():
         norms.append(result.grad_norm)
         if args.save and args.save_at == step + 1:
             ckpt.save_checkpoint(engine, args.save, step + 1, {})
-    rank = torch.distributed.get_rank()
+        if args.dump_at == step + 1:
+            dump()
     record = {"losses": losses, "grad_norms": norms, "rank": rank}
-    if args.dump:
-        params = {n: p.detach().clone() for c in engine.chunks for n, p in c.named_parameters()}
-        torch.save({"params": params, "optimizer": engine.optimizer.state_dict()},
-                   os.path.join(args.out, f"dump{rank}.pt"))
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as handle:
         json.dump(record, handle)
 
