@@ -12,7 +12,10 @@ its own process tree, one after the other, and is measured the same way:
   steps after ``--warmup`` ones; megatron_rl's own ``time/step`` from metrics.jsonl, TRL's
   from the time between the ends of every N-th optimiser step (a trainer callback);
 - peak resident memory of the whole process tree (megatron_rl's trainer plus its embedded
-  rollout server), sampled with psutil every 50 ms.
+  rollout server), sampled with psutil every 50 ms;
+- on Linux, the share of the machine's CPU time the hypervisor took away (``steal`` in
+  /proc/stat) while each side ran: on a shared VM, wall and even CPU times of a run that
+  saw steal are inflated, and more so for megatron_rl's two processes than TRL's one.
 
 A random policy rarely emits end-of-sequence, so both sides generate (almost) the full
 completion length; the mean completion lengths are printed to show it.
@@ -112,6 +115,8 @@ class SideResult:
     completion_len: list[float] = field(default_factory=list)
     stages: dict[str, list[float]] = field(default_factory=dict)
     """megatron_rl only: seconds of each stage of each RL step after the warm-up."""
+    steal: list[float] = field(default_factory=list)
+    """Fraction of the machine's CPU time stolen by the hypervisor during each run."""
 
     def add(self, other: SideResult) -> None:
         self.step_s += other.step_s
@@ -119,6 +124,7 @@ class SideResult:
         self.peak_rss_mb = max(self.peak_rss_mb, other.peak_rss_mb)
         self.peak_rss_total_mb = max(self.peak_rss_total_mb, other.peak_rss_total_mb)
         self.completion_len += other.completion_len
+        self.steal += other.steal
         for name, values in other.stages.items():
             self.stages.setdefault(name, []).extend(values)
 
@@ -147,6 +153,8 @@ class TreeMonitor:
         self.peak_bytes = 0
         self.peak_steps_bytes = 0
         self.cpu_at: dict[int, float] = {}
+        self.steal: float | None = None
+        """Set by the caller: the machine's stolen share of CPU time during the run."""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -207,10 +215,34 @@ def _last_step(path: Path):
     return read
 
 
+def steal_counters(stat_text: str | None = None) -> tuple[int, int] | None:
+    """(stolen, total) CPU time of all CPUs, in jiffies, from /proc/stat's first line;
+    None where there is no such file (not Linux)."""
+    if stat_text is None:
+        try:
+            stat_text = Path("/proc/stat").read_text()
+        except OSError:
+            return None
+    fields = stat_text.split("\n", 1)[0].split()
+    if len(fields) < 9 or fields[0] != "cpu":
+        return None
+    # user nice system idle iowait irq softirq steal [guest guest_nice]: guest time is
+    # already counted in user and nice.
+    values = [int(v) for v in fields[1:9]]
+    return values[7], sum(values)
+
+
+def steal_fraction(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
+
+
 def _run_measured(cmd: list[str], env: dict[str, str], log: Path, timeout_s: float,
                   progress_file: Path, steps: int) -> TreeMonitor:
     """Run ``cmd`` to completion (output in ``log``) under a :class:`TreeMonitor`."""
     with open(log, "w") as out:
+        stolen_before = steal_counters()
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
         monitor = TreeMonitor(proc.pid, _last_step(progress_file), steps)
         try:
@@ -220,6 +252,7 @@ def _run_measured(cmd: list[str], env: dict[str, str], log: Path, timeout_s: flo
             proc.wait()
             code = -9
         monitor.stop()
+        monitor.steal = steal_fraction(stolen_before, steal_counters())
     if code != 0:
         tail = log.read_text()[-4000:]
         raise RuntimeError(f"{' '.join(cmd[:4])} ... failed ({code}):\n{tail}")
@@ -277,6 +310,7 @@ def run_megatron_rl(w: Workload, args, work: Path) -> SideResult:
     return SideResult(
         step_s=[r["time/step"] for r in rows], cpu_s=monitor.cpu_per_step(args.warmup),
         peak_rss_mb=monitor.peak_steps_bytes / 1e6, peak_rss_total_mb=monitor.peak_bytes / 1e6,
+        steal=[] if monitor.steal is None else [monitor.steal],
         completion_len=[r["rollout/response_length_mean"] for r in rows
                         if r.get("rollout/response_length_mean") is not None],
         stages=stages)
@@ -299,6 +333,7 @@ def run_trl(w: Workload, args, work: Path) -> SideResult:
         step_s=[wall[k] - wall[k - 1] for k in sorted(wall) if k > args.warmup and k - 1 in wall],
         cpu_s=monitor.cpu_per_step(args.warmup),
         peak_rss_mb=monitor.peak_steps_bytes / 1e6, peak_rss_total_mb=monitor.peak_bytes / 1e6,
+        steal=[] if monitor.steal is None else [monitor.steal],
         completion_len=[r["completion_len"] for r in rows
                         if r.get("final") and r.get("completion_len") is not None])
 
@@ -399,6 +434,10 @@ def row_of(w: Workload, mrl: SideResult, trl: SideResult | None) -> dict:
                  "mrl_len": statistics.mean(mrl.completion_len) if mrl.completion_len
                  else float("nan"),
                  "stages": {k: _median(v) for k, v in mrl.stages.items()}}
+    if mrl.steal:
+        row["mrl_steal_pct"] = 100 * statistics.mean(mrl.steal)
+    if trl is not None and trl.steal:
+        row["trl_steal_pct"] = 100 * statistics.mean(trl.steal)
     if trl is not None:
         row.update({"trl_s": _median(trl.step_s), "trl_cpu_s": _median(trl.cpu_s),
                     "trl_rss_mb": trl.peak_rss_mb,
@@ -420,6 +459,7 @@ COLUMNS = [
     ("ratio_rss", "RSS ratio", "{:.2f}"),
     ("mrl_rss_total_mb", "megatron_rl RSS with final save", "{:.0f}"),
     ("mrl_len", "tokens/resp. mrl", "{:.2f}"), ("trl_len", "tokens/resp. TRL", "{:.2f}"),
+    ("mrl_steal_pct", "CPU stolen % mrl", "{:.1f}"), ("trl_steal_pct", "CPU stolen % TRL", "{:.1f}"),
 ]
 
 

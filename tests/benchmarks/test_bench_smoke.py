@@ -43,6 +43,16 @@ def test_workload_parsing():
             Workload.parse(bad)
 
 
+def test_steal_is_read_from_the_first_line_of_proc_stat():
+    # user nice system idle iowait irq softirq steal guest guest_nice
+    before = bench_trl.steal_counters("cpu  100 0 50 800 10 0 5 35 7 0\ncpu0 1 2 3\n")
+    after = bench_trl.steal_counters("cpu  200 0 60 900 10 0 5 60 9 0\ncpu0 1 2 3\n")
+    assert before == (35, 1000) and after == (60, 1235)  # guest time is inside user
+    assert bench_trl.steal_fraction(before, after) == pytest.approx(25 / 235)
+    assert bench_trl.steal_counters("intr 1 2 3\n") is None
+    assert bench_trl.steal_fraction(None, after) is None
+
+
 def test_tree_monitor_counts_children_and_marks_cpu_per_step(tmp_path):
     marks = tmp_path / "marks.jsonl"
     child = textwrap.dedent(f"""
@@ -86,6 +96,8 @@ def test_bench_trl_smallest_workload(tmp_path):
     assert 1 <= row["mrl_len"] <= 4
     assert set(row["stages"]) >= {"time/rollout", "time/logprob", "time/update", "time/sync"}
     assert "megatron_rl step breakdown" in out
+    if Path("/proc/stat").is_file():
+        assert 0.0 <= row["mrl_steal_pct"] <= 100.0 and "CPU stolen % mrl" in out
     if HAS_TRL:
         assert row["trl_s"] > 0 and row["trl_cpu_s"] > 0 and row["trl_rss_mb"] > 100
         assert 1 <= row["trl_len"] <= 4
