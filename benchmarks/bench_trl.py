@@ -154,7 +154,9 @@ class TreeMonitor:
         self.peak_steps_bytes = 0
         self.cpu_at: dict[int, float] = {}
         self.steal: float | None = None
-        """Set by the caller: the machine's stolen share of CPU time during the run."""
+        """The machine's CPU time stolen by the hypervisor from start to ``stop()``, as a
+        share (None where /proc/stat is missing)."""
+        self._stolen_at_start = steal_counters()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -193,6 +195,7 @@ class TreeMonitor:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+        self.steal = steal_fraction(self._stolen_at_start, steal_counters())
 
     def cpu_per_step(self, warmup: int) -> list[float]:
         """CPU seconds of each step after ``warmup`` (steps whose both ends were seen)."""
@@ -242,7 +245,6 @@ def _run_measured(cmd: list[str], env: dict[str, str], log: Path, timeout_s: flo
                   progress_file: Path, steps: int) -> TreeMonitor:
     """Run ``cmd`` to completion (output in ``log``) under a :class:`TreeMonitor`."""
     with open(log, "w") as out:
-        stolen_before = steal_counters()
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
         monitor = TreeMonitor(proc.pid, _last_step(progress_file), steps)
         try:
@@ -252,7 +254,6 @@ def _run_measured(cmd: list[str], env: dict[str, str], log: Path, timeout_s: flo
             proc.wait()
             code = -9
         monitor.stop()
-        monitor.steal = steal_fraction(stolen_before, steal_counters())
     if code != 0:
         tail = log.read_text()[-4000:]
         raise RuntimeError(f"{' '.join(cmd[:4])} ... failed ({code}):\n{tail}")

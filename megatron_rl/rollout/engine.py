@@ -346,8 +346,11 @@ class GenerationEngine:
             if full_logits and row.request.return_logprob and row.request.logprob_start_len >= 0:
                 input_logprobs[b] = self._input_logprobs(row, out.logits[u, start:], ids[u, start:])
         # The first row of each prompt filled the prefill; the others reused it.
-        leaders = {u: b for b, u in reversed(list(enumerate(owner)))}
-        cached = [0 if leaders[owner[b]] == b else lengths[b] for b in range(batch)]
+        filled: set[int] = set()
+        cached = []
+        for b, u in enumerate(owner):
+            cached.append(lengths[b] if u in filled else 0)
+            filled.add(u)
         logits = out.logits[:, -1]
         if unique < batch:
             index = torch.tensor(owner)

@@ -38,7 +38,12 @@ from megatron_rl.training.rl_data import (
     share_samples,
     to_train_samples,
 )
-from megatron_rl.training.rl_passes import BatchLayout, old_logprobs, policy_updates
+from megatron_rl.training.rl_passes import (
+    BatchLayout,
+    mini_batches,
+    old_logprobs,
+    policy_updates,
+)
 from megatron_rl.training.rollout_service import RolloutService
 
 logger = logging.getLogger(__name__)
@@ -203,7 +208,7 @@ class RLLoop:
         if self.first_update_is_old_pass():
             # The first mini-batch is scored by its own update (see update()).
             n = self.rl.num_updates(self.run.training.global_batch_size)
-            samples = samples[len(samples) // n :]
+            samples = [s for mini in mini_batches(samples, n)[1:] for s in mini]
         stats = old_logprobs(
             self.engine, samples, self.layout, replay=self.replay,
             replay_mode=self.old_pass_mode(), record_routes=self.replay_mode == "r2",

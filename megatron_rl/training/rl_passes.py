@@ -122,6 +122,12 @@ def old_logprobs(
     return stats
 
 
+def mini_batches(samples: list[Sample], num_updates: int) -> list[list[Sample]]:
+    """The consecutive mini-batches of this rank's samples, one per update."""
+    per_update = len(samples) // num_updates
+    return [samples[u * per_update : (u + 1) * per_update] for u in range(num_updates)]
+
+
 def policy_updates(
     engine: MegatronEngine,
     samples: list[Sample],
@@ -143,10 +149,8 @@ def policy_updates(
     if first_as_old_mode not in (None, "replay", "observe", "off"):
         raise ValueError(f"the first update cannot stand in for a {first_as_old_mode!r} "
                          "pi_old pass (R2 records its routes there)")
-    per_update = len(samples) // num_updates
     results = []
-    for u in range(num_updates):
-        mini = samples[u * per_update : (u + 1) * per_update]
+    for u, mini in enumerate(mini_batches(samples, num_updates)):
         for i, sample in enumerate(mini):
             sample.index = i
         as_old = u == 0 and first_as_old_mode is not None

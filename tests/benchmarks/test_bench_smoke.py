@@ -78,6 +78,8 @@ def test_tree_monitor_counts_children_and_marks_cpu_per_step(tmp_path):
     monitor.stop()
     assert monitor.peak_bytes > 60e6  # the child's buffer counts
     assert monitor.peak_steps_bytes <= monitor.peak_bytes
+    if Path("/proc/stat").is_file():
+        assert 0.0 <= monitor.steal <= 1.0
     cpu = monitor.cpu_per_step(warmup=0)
     assert len(cpu) == 2
     assert all(0.2 < c < 1.5 for c in cpu), cpu
