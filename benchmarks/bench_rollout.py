@@ -27,8 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron_rl.inference.engine import GenerationEngine, GenerationRequest  # noqa: E402
 from megatron_rl.model.config import preset  # noqa: E402
-from megatron_rl.rollout.engine import GenerationEngine, GenerationRequest  # noqa: E402
 from megatron_rl.rollout.protocol import decode_routed_experts, encode_routed_experts  # noqa: E402
 from megatron_rl.weight_sync.hf_config import ModelShape, save_random_checkpoint  # noqa: E402
 

@@ -17,9 +17,9 @@ from collections.abc import Callable
 
 import torch.distributed as dist
 
+from megatron_rl.inference.launcher import start_embedded_servers
 from megatron_rl.rollout.client import RolloutClient, RolloutRequest
 from megatron_rl.rollout.config import RolloutConfig
-from megatron_rl.rollout.launcher import start_embedded_servers
 from megatron_rl.rollout.types import RolloutSample
 from megatron_rl.training.engine import MegatronEngine
 from megatron_rl.weight_sync.sync import WeightSync

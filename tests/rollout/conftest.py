@@ -16,8 +16,8 @@ import torch
 from rollout_env import API_KEY, SERVER_BATCH
 from transformers import Qwen3MoeForCausalLM
 
+from megatron_rl.inference.launcher import ServerHandle, start_server_process
 from megatron_rl.model.config import preset
-from megatron_rl.rollout.launcher import ServerHandle, start_server_process
 from megatron_rl.weight_sync.hf_config import save_random_checkpoint
 
 

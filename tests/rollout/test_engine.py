@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers.utils import logging as hf_logging
 
-from megatron_rl.rollout.engine import GenerationEngine, GenerationRequest
-from megatron_rl.rollout.sampling import sample_next
+from megatron_rl.inference.engine import GenerationEngine, GenerationRequest
+from megatron_rl.inference.sampling import sample_next
 
 hf_logging.disable_progress_bar()
 

@@ -14,8 +14,8 @@ import sys
 import pytest
 import torch
 
+from megatron_rl.inference.launcher import ServerHandle, free_port, wait_healthy
 from megatron_rl.rollout.client import RolloutClient, RolloutRequest
-from megatron_rl.rollout.launcher import ServerHandle, free_port, wait_healthy
 from megatron_rl.rollout.protocol import SamplingParams
 from megatron_rl.weight_sync.hf_config import save_random_checkpoint
 

@@ -21,7 +21,7 @@ API_KEY = "weight-sync-test"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from megatron_rl.rollout.launcher import start_server_process
+    from megatron_rl.inference.launcher import start_server_process
     from megatron_rl.weight_sync.hf_config import save_random_checkpoint
 
     initial = save_random_checkpoint(PRESETS["tiny"], tmp_path_factory.mktemp("served"), seed=0)
@@ -185,7 +185,7 @@ def test_distributed_update_with_sglang(tmp_path):
 
     from ws_support import hf_tensors
 
-    from megatron_rl.rollout.launcher import free_port, wait_healthy
+    from megatron_rl.inference.launcher import free_port, wait_healthy
     from megatron_rl.weight_sync.hf_config import save_random_checkpoint
 
     if torch.cuda.device_count() < 2:

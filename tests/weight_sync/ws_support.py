@@ -22,7 +22,7 @@ CONVERTER = ROOT / "tools" / "convert_checkpoint.py"
 
 def run_converter(args: list[str], nproc: int = 1, timeout: int = 300) -> str:
     """Run tools/convert_checkpoint.py (under torchrun when nproc > 1); its stdout."""
-    from megatron_rl.rollout.launcher import free_port
+    from megatron_rl.inference.launcher import free_port
 
     launcher = [sys.executable]
     if nproc > 1:

@@ -1,6 +1,6 @@
 """Embedded SGLang-compatible rollout server (FastAPI + uvicorn, CPU).
 
-    python -m megatron_rl.rollout.server --model DIR --port P [--host 127.0.0.1]
+    python -m megatron_rl.inference.server --model DIR --port P [--host 127.0.0.1]
         [--api-key K] [--dtype bf16|fp32] [--max-batch-size 32] [--threads 1]
 
 Serves a Hugging Face Qwen3-MoE checkpoint directory with the subset of SGLang's HTTP API
@@ -21,7 +21,7 @@ the trainer uses, same request and response schema:
 Bad requests get a 4xx JSON error ``{"error": {"message": ...}}`` (SGLang's shape), never a
 crash. With ``--api-key`` every endpoint requires ``Authorization: Bearer <key>``.
 
-From Python, :func:`start_server_process` (re-exported from ``rollout.launcher``) starts it
+From Python, :func:`start_server_process` (re-exported from ``inference.launcher``) starts it
 as a subprocess and returns a handle with ``.url`` and ``.stop()`` once ``/health`` answers;
 :func:`create_app` serves an in-process :class:`GenerationEngine` with any ASGI server.
 """
@@ -41,9 +41,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
 from megatron_rl import __version__
-from megatron_rl.rollout.engine import GenerationEngine, GenerationRequest, GenerationResult
-from megatron_rl.rollout.hf_model import WeightUpdateError
-from megatron_rl.rollout.launcher import ServerHandle, start_server_process  # noqa: F401
+from megatron_rl.inference.engine import GenerationEngine, GenerationRequest, GenerationResult
+from megatron_rl.inference.hf_model import WeightUpdateError
+from megatron_rl.inference.launcher import ServerHandle, start_server_process  # noqa: F401
 from megatron_rl.rollout.protocol import encode_routed_experts
 
 logger = logging.getLogger(__name__)

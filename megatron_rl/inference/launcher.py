@@ -23,7 +23,7 @@ from megatron_rl.rollout.config import RolloutConfig
 
 logger = logging.getLogger(__name__)
 
-# The package root, so ``python -m megatron_rl.rollout.server`` works from any directory.
+# The package root, so ``python -m megatron_rl.inference.server`` works from any directory.
 _PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
 
 
@@ -110,14 +110,14 @@ def start_server_process(
     startup_timeout_s: float = 180.0,
     log_path: str | os.PathLike | None = None,
 ) -> ServerHandle:
-    """Start ``python -m megatron_rl.rollout.server`` and wait until it is healthy.
+    """Start ``python -m megatron_rl.inference.server`` and wait until it is healthy.
 
     ``port=0`` picks a free port. The server's output goes to ``log_path`` (a temporary
     file by default; its tail is in the error if the start fails)."""
     port = port or free_port(host)
     url = f"http://{host}:{port}"
     args = [
-        sys.executable, "-m", "megatron_rl.rollout.server", "--model", str(model_dir),
+        sys.executable, "-m", "megatron_rl.inference.server", "--model", str(model_dir),
         "--host", host, "--port", str(port), "--dtype", dtype,
         "--max-batch-size", str(max_batch_size), "--threads", str(threads),
         "--weight-version", weight_version,

@@ -14,7 +14,7 @@ samples of a group (it reports them as ``cached_tokens``, and its routes for a c
 prefix are those of the forward pass that filled the cache). Each row computes the same
 values it would alone (prefill rows are independent), so sharing changes no result.
 
-Routed experts come from forward hooks on the MoE gates (``rollout.hf_model``), so they are
+Routed experts come from forward hooks on the MoE gates (``inference.hf_model``), so they are
 exactly the experts each block dispatched to. They cover the tokens fed
 forward -- the prompt and every generated token but the last -- in SGLang's layout
 ``[prompt + response - 1, num_hidden_layers, top-k]`` int32, dense layers filled with 0.
@@ -22,7 +22,7 @@ forward -- the prompt and every generated token but the last -- in SGLang's layo
 Padding does not leak into real tokens: padded keys are masked, positions count real
 tokens only, attention is eager and each token's expert computation is independent of the
 other rows (tests compare batched with single generation: bit-identical in bf16). Sampling follows SGLang (see
-``rollout.sampling``), with one generator per request.
+``inference.sampling``), with one generator per request.
 
 Weight updates are queued like requests: the batch running (and requests queued before the
 update) finish on the old weights, later ones use the new weights; each result carries the
@@ -44,13 +44,13 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache, Qwen3MoeConfig
 
-from megatron_rl.rollout.hf_model import (
+from megatron_rl.inference.hf_model import (
     DTYPES,
     RouteCapture,
     load_model,
     load_tokenizer,
 )
-from megatron_rl.rollout.sampling import effective_params, sample_next, token_logprobs
+from megatron_rl.inference.sampling import effective_params, sample_next, token_logprobs
 from megatron_rl.weight_sync.hf_config import ModelShape
 
 logger = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ class GenerationResult:
     rid: str
     output_ids: list[int]
     output_logprobs: list[float]
-    """Logprob of each generated token (see ``rollout.sampling`` for which distribution)."""
+    """Logprob of each generated token (see ``inference.sampling`` for which distribution)."""
     input_logprobs: list[float | None] | None
     """Logprobs of prompt tokens from ``logprob_start_len`` (first one None), if asked."""
     routed_experts: torch.Tensor | None
