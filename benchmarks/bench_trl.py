@@ -364,7 +364,7 @@ def trl_worker(w: Workload, steps: int, threads: int, seed: int, out: Path) -> N
     torch.manual_seed(seed)
     model = Qwen3MoeForCausalLM(hf_config)
     # The same prompts in the same order as megatron_rl's stream (seeded by --seed).
-    task = Task(TaskConfig(rl_eval_size=0), seed=seed)
+    task = Task(TaskConfig(eval_size=0), seed=seed)
     items, _ = task.next_items(0, w.prompts * steps)
     dataset = Dataset.from_list([{"prompt": it.prompt, "item_index": i}
                                  for i, it in enumerate(items)])

@@ -107,7 +107,7 @@ def compute_advantages(
 ) -> torch.Tensor:
     """Advantages ``[N]`` of responses with ``rewards [N]`` in groups ``group_ids [N]``.
 
-    ``estimator`` is usually ``ObjectiveConfig.advantage_estimator()``. Inputs and the
+    ``estimator`` is usually ``ObjectiveConfig.estimator_in_force()``. Inputs and the
     estimator's output are checked (shape, finiteness)."""
     if rewards.dim() != 1 or group_ids.shape != rewards.shape:
         raise AdvantageError(

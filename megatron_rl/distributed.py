@@ -10,13 +10,16 @@ import datetime
 import logging
 import os
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.distributed as dist
 
 from megatron_rl import cpu_adaptation
 from megatron_rl.config.flags import ConfigError
+
+if TYPE_CHECKING:
+    from megatron_rl.arguments import RunConfig
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +57,12 @@ class ParallelConfig:
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // self.model_parallel_size()
 
-    def validate(self, world_size: int, num_layers: int, num_experts: int) -> None:
+    def validate(self, run: RunConfig) -> None:
+        self.check_layout(run.world_size, run.model.num_layers, run.model.num_experts)
+
+    def check_layout(self, world_size: int, num_layers: int, num_experts: int) -> None:
+        """Refuse a layout that does not tile ``world_size`` ranks or the model's layers
+        and experts."""
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
                      "expert_model_parallel_size", "context_parallel_size"):
             if getattr(self, name) < 1:

@@ -112,7 +112,7 @@ def run(ns: argparse.Namespace) -> str:
 
     model = _model_config(ns)
     parallel = config_from_flags(ParallelConfig, ns)
-    parallel.validate(world_size_from_env(), model.num_layers, model.num_experts)
+    parallel.check_layout(world_size_from_env(), model.num_layers, model.num_experts)
     init_distributed(parallel, model.num_layers, seed=0)
     engine = MegatronEngine(model, parallel, TrainingConfig(), build_optimizer=False)
     if ns.command == "to-hf":

@@ -2,9 +2,14 @@
 
 Each config is a keyword-only dataclass whose fields carry a docstring right under them
 (the help text). A field ``tensor_model_parallel_size`` becomes the flag
-``--tensor-model-parallel-size`` unless its metadata names another (``{"flag": ...}``).
+``--tensor-model-parallel-size``: the config's ``flag_prefix`` (default ``--``) plus the
+field name, unless the field's metadata names another flag (``{"flag": ...}``). So
+``RLConfig.group_size`` is ``--rl-group-size`` without the field repeating ``rl_``.
 Flags that are not given keep the value of a base config (a preset, or the dataclass
 defaults), which is how ``--model-preset tiny --num-layers 6`` works.
+
+Each config's flags parse into their own argparse slots, ``<scope>.<field>``: two configs
+may both have a ``seed`` field without one flag setting the other.
 """
 
 from __future__ import annotations
@@ -26,8 +31,15 @@ class ConfigError(ValueError):
     """An invalid flag value or combination, reported at start-up."""
 
 
-def flag_name(field: dataclasses.Field) -> str:
-    return field.metadata.get("flag", "--" + field.name.replace("_", "-"))
+def flag_name(field: dataclasses.Field, cls: type | None = None) -> str:
+    """The flag of ``field``: its metadata's ``flag``, else ``cls.flag_prefix`` + name."""
+    prefix = getattr(cls, "flag_prefix", "--") if cls is not None else "--"
+    return field.metadata.get("flag", prefix + field.name.replace("_", "-"))
+
+
+def flag_dest(field: dataclasses.Field, scope: str | None) -> str:
+    """The argparse slot of ``field``: unique per config when ``scope`` names it."""
+    return f"{scope}.{field.name}" if scope else field.name
 
 
 @functools.cache
@@ -67,15 +79,6 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
-def _parse_bool(text: str) -> bool:
-    lowered = text.lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
-
-
 def _optional(parse):
     def parse_or_none(text: str):
         return None if text.lower() == "none" else parse(text)
@@ -84,8 +87,12 @@ def _optional(parse):
     return parse_or_none
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls: type, title: str | None = None) -> None:
-    """Add one flag per field of ``cls`` to ``parser`` (in a group named ``title``)."""
+def add_config_flags(
+    parser: argparse.ArgumentParser, cls: type, title: str | None = None, *, scope: str | None = None
+) -> None:
+    """Add one flag per field of ``cls`` to ``parser`` (in a group named ``title``), each
+    parsed into the slot ``<scope>.<field>`` (read back by :func:`config_from_flags` with
+    the same ``scope``)."""
     group = parser.add_argument_group(title or cls.__name__)
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
@@ -93,7 +100,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, title: str | No
             continue
         tp, optional = _unwrap_optional(hints[field.name])
         kwargs: dict[str, Any] = {
-            "dest": field.name,
+            "dest": flag_dest(field, scope),
             "default": argparse.SUPPRESS,
             "help": field_help(cls, field.name) + _default_note(field),
         }
@@ -112,7 +119,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, title: str | No
             kwargs["type"] = _optional(tp) if optional else tp
         else:
             kwargs["type"] = str
-        group.add_argument(flag_name(field), **kwargs)
+        group.add_argument(flag_name(field, cls), **kwargs)
 
 
 def _default_note(field: dataclasses.Field) -> str:
@@ -121,12 +128,14 @@ def _default_note(field: dataclasses.Field) -> str:
     return ""
 
 
-def config_from_flags(cls: type[T], namespace: argparse.Namespace, base: T | None = None) -> T:
+def config_from_flags(
+    cls: type[T], namespace: argparse.Namespace, base: T | None = None, *, scope: str | None = None
+) -> T:
     """Build ``cls`` from the flags that were given, on top of ``base`` (or the defaults)."""
     given = {
-        f.name: getattr(namespace, f.name)
+        f.name: getattr(namespace, flag_dest(f, scope))
         for f in dataclasses.fields(cls)
-        if f.init and hasattr(namespace, f.name)
+        if f.init and hasattr(namespace, flag_dest(f, scope))
     }
     hints = typing.get_type_hints(cls)
     for name, value in given.items():

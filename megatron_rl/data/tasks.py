@@ -10,47 +10,56 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from megatron_rl.config.flags import ConfigError
 from megatron_rl.config.import_path import load_callable
+
+if TYPE_CHECKING:
+    from megatron_rl.arguments import RunConfig
 
 
 @dataclass(kw_only=True, frozen=True)
 class TaskConfig:
     """Which task the policy learns and how prompts are written."""
 
-    rl_task: str = "chain_sum"
+    flag_prefix: ClassVar[str] = "--rl-"
+
+    task: str = "chain_sum"
     """A reasoning-gym dataset name, or a .jsonl file with "prompt" and "answer" fields."""
-    rl_task_config: str = '{"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 1}'
+    task_config: str = '{"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 1}'
     """JSON settings passed to reasoning_gym.create_dataset (ignored for JSONL)."""
-    rl_task_size: int = 100_000
+    task_size: int = 100_000
     """Items in the procedural training set (the stream cycles through it)."""
-    rl_eval_size: int = 128
+    eval_size: int = 128
     """Held-out items for evaluation (excluded from training)."""
-    rl_prompt_template: str = "{question} "
+    prompt_template: str = "{question} "
     """Python format string turning an item's question into the prompt."""
-    rl_reward_function: str | None = None
+    reward_function: str | None = None
     """A user reward function as module:function(response_text, item) -> float; default is
     the task's own scorer."""
-    sft_teacher: str | None = None
+    sft_teacher: str | None = field(default=None, metadata={"flag": "--sft-teacher"})
     """The cold start's demonstrator as module:function(item) -> answer text; default: the
     reference answer. megatron_rl.data.teachers holds imperfect teachers, for studying
     what RL can correct that imitation taught."""
-    rl_binary_reward: bool = True
+    binary_reward: bool = True
     """Reward 1 for a response the scorer fully accepts, else 0 (the paper's binary
     reward); off: the scorer's own value, which for reasoning-gym includes partial credit
     for answers that merely contain the reference."""
 
-    def validate(self) -> None:
-        if "{question}" not in self.rl_prompt_template:
+    def validate(self, run: RunConfig) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """The task settings' own consistency (no other component needed)."""
+        if "{question}" not in self.prompt_template:
             raise ConfigError("--rl-prompt-template must contain {question}")
-        if self.rl_task_size < 1 or self.rl_eval_size < 0:
+        if self.task_size < 1 or self.eval_size < 0:
             raise ConfigError("--rl-task-size must be >= 1 and --rl-eval-size >= 0")
-        if not self.rl_task.endswith(".jsonl"):
+        if not self.task.endswith(".jsonl"):
             try:
-                json.loads(self.rl_task_config)
+                json.loads(self.task_config)
             except json.JSONDecodeError as exc:
                 raise ConfigError(f"--rl-task-config is not valid JSON: {exc}") from exc
 
@@ -69,14 +78,14 @@ class Task:
     """Training stream and held-out set of one task."""
 
     def __init__(self, config: TaskConfig, seed: int) -> None:
-        config.validate()
+        config.check()
         self.config = config
-        if config.rl_task.endswith(".jsonl"):
+        if config.task.endswith(".jsonl"):
             self._train, self._eval, self._score = _jsonl_task(config)
         else:
             self._train, self._eval, self._score = _reasoning_gym_task(config, seed)
         self._held_out = {self._eval[i]["question"] for i in range(len(self._eval))}
-        self._reward_fn = load_function(config.rl_reward_function) if config.rl_reward_function \
+        self._reward_fn = load_function(config.reward_function) if config.reward_function \
             else None
         self._teacher = load_function(config.sft_teacher, what="--sft-teacher") \
             if config.sft_teacher else None
@@ -85,7 +94,7 @@ class Task:
         entry = source[index]
         return TaskItem(
             index=index,
-            prompt=self.config.rl_prompt_template.format(question=entry["question"]),
+            prompt=self.config.prompt_template.format(question=entry["question"]),
             answer=str(entry["answer"]),
             entry=entry,
         )
@@ -126,7 +135,7 @@ class Task:
             score = float(self._reward_fn(response, item))
         else:
             score = float(self._score(response.strip(), item.entry))
-        if self.config.rl_binary_reward:
+        if self.config.binary_reward:
             return 1.0 if score >= 1.0 else 0.0
         return score
 
@@ -134,25 +143,25 @@ class Task:
 def _reasoning_gym_task(config: TaskConfig, seed: int):
     import reasoning_gym
 
-    settings = json.loads(config.rl_task_config)
+    settings = json.loads(config.task_config)
     try:
         train = reasoning_gym.create_dataset(
-            config.rl_task, size=config.rl_task_size, seed=seed, **settings
+            config.task, size=config.task_size, seed=seed, **settings
         )
         held = reasoning_gym.create_dataset(
-            config.rl_task, size=max(config.rl_eval_size, 1), seed=seed + 1_000_003, **settings
+            config.task, size=max(config.eval_size, 1), seed=seed + 1_000_003, **settings
         )
     except (KeyError, ValueError, TypeError) as exc:
-        raise ConfigError(f"--rl-task {config.rl_task!r} with {settings}: {exc}") from exc
-    held_entries = [held[i] for i in range(config.rl_eval_size)]
+        raise ConfigError(f"--rl-task {config.task!r} with {settings}: {exc}") from exc
+    held_entries = [held[i] for i in range(config.eval_size)]
     return train, held_entries, train.score_answer
 
 
 def _jsonl_task(config: TaskConfig):
-    if not os.path.isfile(config.rl_task):
-        raise ConfigError(f"--rl-task {config.rl_task}: no such file")
+    if not os.path.isfile(config.task):
+        raise ConfigError(f"--rl-task {config.task}: no such file")
     entries = []
-    with open(config.rl_task) as handle:
+    with open(config.task) as handle:
         for line_no, line in enumerate(handle, 1):
             if not line.strip():
                 continue
@@ -162,16 +171,16 @@ def _jsonl_task(config: TaskConfig):
                                 "metadata": record.get("metadata", {})})
             except (json.JSONDecodeError, KeyError) as exc:
                 raise ConfigError(
-                    f"{config.rl_task} line {line_no}: need a JSON object with 'prompt' and "
+                    f"{config.task} line {line_no}: need a JSON object with 'prompt' and "
                     f"'answer' ({exc})"
                 ) from exc
-    if len(entries) <= config.rl_eval_size:
+    if len(entries) <= config.eval_size:
         raise ConfigError(
-            f"{config.rl_task} has {len(entries)} items, not more than --rl-eval-size "
-            f"{config.rl_eval_size}"
+            f"{config.task} has {len(entries)} items, not more than --rl-eval-size "
+            f"{config.eval_size}"
         )
-    held = entries[: config.rl_eval_size]
-    train = entries[config.rl_eval_size:]
+    held = entries[: config.eval_size]
+    train = entries[config.eval_size:]
 
     def exact_match(response: str, entry: dict) -> float:
         return 1.0 if response.strip() == entry["answer"].strip() else 0.0

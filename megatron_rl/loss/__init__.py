@@ -1,7 +1,7 @@
 """RL objectives, training-inference corrections and their statistics.
 
 The training step calls :func:`compute_loss` on each piece of a mini-batch; the
-objective is chosen by ``ObjectiveConfig.rl_objective`` from :data:`OBJECTIVES` or a
+objective is chosen by ``ObjectiveConfig.objective`` from :data:`OBJECTIVES` or a
 user's ``package.module:function``. Formulas: docs/objectives.md.
 """
 

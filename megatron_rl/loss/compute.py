@@ -30,11 +30,11 @@ def compute_loss(
     quantities issue the same collectives on each."""
     if validate:
         validate_inputs(inputs, seq_sum=seq_sum)
-    objective = get_objective(config.rl_objective)
+    objective = get_objective(config.objective)
     output = objective(inputs, config, seq_sum=seq_sum)
     if not isinstance(output, LossOutput) or output.loss.dim() != 0:
         raise LossInputError(
-            f"objective {config.rl_objective!r} must return a LossOutput with a scalar loss, "
+            f"objective {config.objective!r} must return a LossOutput with a scalar loss, "
             f"got {type(output).__name__}"
         )
     tokens = prepare(inputs)

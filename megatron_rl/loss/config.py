@@ -11,10 +11,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from megatron_rl.config.flags import ConfigError
 from megatron_rl.config.import_path import load_callable
+
+if TYPE_CHECKING:
+    from megatron_rl.arguments import RunConfig
 
 Correction = Literal["none", "tis", "mis", "icepop"]
 
@@ -46,101 +49,103 @@ class ObjectiveConfig:
     """The policy-gradient objective, its clipping, training-inference correction and
     advantage estimator."""
 
-    rl_objective: str = "minirl"
+    flag_prefix: ClassVar[str] = "--rl-"
+
+    objective: str = "minirl"
     """Objective: minirl (the paper's, default), minirl_no_is (without the
     training-inference weight), minirl_length_norm (per-response length normalisation),
     grpo, gspo, cispo, ppo (decoupled PPO clip), reinforce (no clip, no IS), or
     'package.module:function' for your own objective with the same signature."""
-    rl_clip_low: float = 0.2
+    clip_low: float = 0.2
     """eps_low of the decoupled clipping of minirl* and ppo: tokens with A < 0 and
     pi_theta/pi_old < 1 - eps_low get no gradient."""
-    rl_clip_high: float = 0.27
+    clip_high: float = 0.27
     """eps_high of the decoupled clipping of minirl* and ppo: tokens with A > 0 and
     pi_theta/pi_old > 1 + eps_high get no gradient."""
-    rl_is_cap: float | None = 5.0
+    is_cap: float | None = 5.0
     """C of the 'tis' correction: the training-inference weight pi_old/mu_old is truncated
     at C (the paper uses 5). 'none' keeps the untruncated ratio."""
-    rl_correction: Literal["auto", "none", "tis", "mis", "icepop"] = "auto"
+    correction: Literal["auto", "none", "tis", "mis", "icepop"] = "auto"
     """Training-inference correction pi_old/mu_old: tis (truncate at --rl-is-cap), mis
     (weight 0 outside [--rl-mis-low, --rl-mis-high]), icepop (weight 0 outside
     [--rl-icepop-alpha, --rl-icepop-beta]), none (weight 1). auto: tis for minirl,
     minirl_length_norm and ppo; none for minirl_no_is, grpo, gspo, cispo and reinforce."""
-    rl_correction_level: Literal["token", "sequence"] = "token"
+    correction_level: Literal["token", "sequence"] = "token"
     """Apply the correction to each token's ratio, or to the whole response's ratio
     prod_t pi_old/mu_old (one weight for all its tokens)."""
-    rl_mis_low: float = 0.5
+    mis_low: float = 0.5
     """C_low of the 'mis' correction: ratios below it are masked."""
-    rl_mis_high: float = 2.0
+    mis_high: float = 2.0
     """C_high of the 'mis' correction: ratios above it are masked."""
-    rl_icepop_alpha: float = 0.5
+    icepop_alpha: float = 0.5
     """alpha of the 'icepop' correction: ratios below it get weight 0."""
-    rl_icepop_beta: float = 5.0
+    icepop_beta: float = 5.0
     """beta of the 'icepop' correction: ratios above it get weight 0."""
-    rl_grpo_clip: float = 0.2
+    grpo_clip: float = 0.2
     """Symmetric clip eps of grpo: pi_theta/pi_old is clipped to [1 - eps, 1 + eps]."""
-    rl_gspo_clip_low: float = 3e-4
+    gspo_clip_low: float = 3e-4
     """gspo: the sequence ratio is clipped below at 1 - this (GSPO paper: 3e-4)."""
-    rl_gspo_clip_high: float = 4e-4
+    gspo_clip_high: float = 4e-4
     """gspo: the sequence ratio is clipped above at 1 + this (GSPO paper: 4e-4)."""
-    rl_cispo_clip_low: float | None = None
+    cispo_clip_low: float | None = None
     """cispo: the detached IS weight is clipped below at 1 - this; none = no lower bound
     (as MiniMax-M1 trains)."""
-    rl_cispo_clip_high: float = 4.0
+    cispo_clip_high: float = 4.0
     """cispo: the detached IS weight is clipped above at 1 + this (MiniMax-M1 tunes only
     this bound and publishes no value; 4 caps the weight at 5)."""
-    rl_advantage_estimator: str = "auto"
+    advantage_estimator: str = "auto"
     """Advantage estimator: group_mean (reward minus the group mean, the paper's),
     group_mean_std (also divided by the group std, GRPO's), or 'package.module:function'
     taking (rewards [N], group_ids [N]) and returning advantages [N]. auto: group_mean_std
     for grpo, gspo and cispo, group_mean otherwise."""
-    rl_advantage_std_eps: float = 1e-6
+    advantage_std_eps: float = 1e-6
     """Added to the group std before dividing (group_mean_std)."""
 
-    def correction(self, objective: str | None = None) -> Correction:
+    def correction_in_force(self, objective: str | None = None) -> Correction:
         """The correction in force for ``objective`` (default: the configured one), with
         'auto' resolved."""
-        if self.rl_correction != "auto":
-            return self.rl_correction  # type: ignore[return-value]
-        return _defaults(objective or self.rl_objective)[0]
+        if self.correction != "auto":
+            return self.correction  # type: ignore[return-value]
+        return _defaults(objective or self.objective)[0]
 
-    def advantage_estimator(self) -> str:
+    def estimator_in_force(self) -> str:
         """The estimator in force for the configured objective ('auto' resolved)."""
-        if self.rl_advantage_estimator != "auto":
-            return self.rl_advantage_estimator
-        return _defaults(self.rl_objective)[1]
+        if self.advantage_estimator != "auto":
+            return self.advantage_estimator
+        return _defaults(self.objective)[1]
 
-    def validate(self) -> None:
-        name = self.rl_objective
+    def validate(self, run: RunConfig) -> None:
+        name = self.objective
         if name not in OBJECTIVE_DEFAULTS and not is_import_path(name):
             raise ConfigError(
                 f"--rl-objective {name!r} is unknown; choose one of "
                 f"{', '.join(OBJECTIVE_DEFAULTS)} or give 'package.module:function'"
             )
         _check_importable("--rl-objective", name)
-        _check_fraction("--rl-clip-low", self.rl_clip_low)
-        _check_nonnegative("--rl-clip-high", self.rl_clip_high)
-        _check_fraction("--rl-grpo-clip", self.rl_grpo_clip)
-        _check_fraction("--rl-gspo-clip-low", self.rl_gspo_clip_low)
-        _check_nonnegative("--rl-gspo-clip-high", self.rl_gspo_clip_high)
-        if self.rl_cispo_clip_low is not None:
-            _check_fraction("--rl-cispo-clip-low", self.rl_cispo_clip_low)
-        _check_nonnegative("--rl-cispo-clip-high", self.rl_cispo_clip_high)
-        if self.rl_is_cap is not None and not (
-            self.rl_is_cap > 0 and math.isfinite(self.rl_is_cap)
+        _check_fraction("--rl-clip-low", self.clip_low)
+        _check_nonnegative("--rl-clip-high", self.clip_high)
+        _check_fraction("--rl-grpo-clip", self.grpo_clip)
+        _check_fraction("--rl-gspo-clip-low", self.gspo_clip_low)
+        _check_nonnegative("--rl-gspo-clip-high", self.gspo_clip_high)
+        if self.cispo_clip_low is not None:
+            _check_fraction("--rl-cispo-clip-low", self.cispo_clip_low)
+        _check_nonnegative("--rl-cispo-clip-high", self.cispo_clip_high)
+        if self.is_cap is not None and not (
+            self.is_cap > 0 and math.isfinite(self.is_cap)
         ):
             raise ConfigError(
-                f"--rl-is-cap must be a positive number or none, got {self.rl_is_cap}"
+                f"--rl-is-cap must be a positive number or none, got {self.is_cap}"
             )
-        _check_band("--rl-mis-low", self.rl_mis_low, "--rl-mis-high", self.rl_mis_high)
+        _check_band("--rl-mis-low", self.mis_low, "--rl-mis-high", self.mis_high)
         _check_band(
-            "--rl-icepop-alpha", self.rl_icepop_alpha, "--rl-icepop-beta", self.rl_icepop_beta
+            "--rl-icepop-alpha", self.icepop_alpha, "--rl-icepop-beta", self.icepop_beta
         )
-        if name == "minirl_no_is" and self.rl_correction not in ("auto", "none"):
+        if name == "minirl_no_is" and self.correction not in ("auto", "none"):
             raise ConfigError(
                 f"--rl-objective minirl_no_is has no training-inference weight by definition; "
-                f"--rl-correction {self.rl_correction} contradicts it (use --rl-objective minirl)"
+                f"--rl-correction {self.correction} contradicts it (use --rl-objective minirl)"
             )
-        estimator = self.rl_advantage_estimator
+        estimator = self.advantage_estimator
         if (
             estimator != "auto"
             and estimator not in ADVANTAGE_ESTIMATORS
@@ -151,9 +156,9 @@ class ObjectiveConfig:
                 f"{', '.join(ADVANTAGE_ESTIMATORS)} or give 'package.module:function'"
             )
         _check_importable("--rl-advantage-estimator", estimator)
-        if not self.rl_advantage_std_eps >= 0:
+        if not self.advantage_std_eps >= 0:
             raise ConfigError(
-                f"--rl-advantage-std-eps must be >= 0, got {self.rl_advantage_std_eps}"
+                f"--rl-advantage-std-eps must be >= 0, got {self.advantage_std_eps}"
             )
 
     def replace(self, **changes) -> ObjectiveConfig:

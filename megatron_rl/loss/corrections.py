@@ -63,20 +63,20 @@ def correction_weights(
         log_w = torch.zeros_like(tokens.old)
         truncated = rejected = no
     else:
-        log_rho = log_ratio(tokens, config.rl_correction_level, seq_sum)
+        log_rho = log_ratio(tokens, config.correction_level, seq_sum)
         if kind == "tis":
             rejected = no
-            if config.rl_is_cap is None:
+            if config.is_cap is None:
                 log_w, truncated = log_rho, no
             else:
-                log_cap = math.log(config.rl_is_cap)
+                log_cap = math.log(config.is_cap)
                 truncated = mask & (log_rho > log_cap)
                 log_w = log_rho.clamp(max=log_cap)
         elif kind in ("mis", "icepop"):
             low, high = (
-                (config.rl_mis_low, config.rl_mis_high)
+                (config.mis_low, config.mis_high)
                 if kind == "mis"
-                else (config.rl_icepop_alpha, config.rl_icepop_beta)
+                else (config.icepop_alpha, config.icepop_beta)
             )
             keep = (log_rho >= _log(low)) & (log_rho <= _log(high))
             rejected = mask & ~keep

@@ -48,7 +48,7 @@ def _setup(
 ) -> tuple[Tokens, StatCollector, CorrectionWeights]:
     tokens = prepare(inputs)
     stats = StatCollector()
-    kind = config.correction(name)
+    kind = config.correction_in_force(name)
     correction = correction_weights(tokens, config, kind, stats, seq_sum=seq_sum)
     return tokens, stats, correction
 
@@ -67,7 +67,7 @@ def _minirl(
 ) -> LossOutput:
     tokens, stats, correction = _setup(inputs, config, name, seq_sum)
     log_r = tokens.logprobs.detach() - tokens.old
-    low, high = decoupled_clip(log_r.exp(), tokens, config.rl_clip_low, config.rl_clip_high)
+    low, high = decoupled_clip(log_r.exp(), tokens, config.clip_low, config.clip_high)
     # sg[pi_theta/mu_old] = c_t * r_t, formed in log space so that a rejected token
     # (c_t = 0) stays exactly 0 even if r_t overflows.
     weight = (correction.log_weight + log_r).exp()
@@ -130,8 +130,8 @@ def ppo(
         config,
         seq_sum,
         name="ppo",
-        eps_low=config.rl_clip_low,
-        eps_high=config.rl_clip_high,
+        eps_low=config.clip_low,
+        eps_high=config.clip_high,
         length_normalized=False,
     )
 
@@ -145,8 +145,8 @@ def grpo(
         config,
         seq_sum,
         name="grpo",
-        eps_low=config.rl_grpo_clip,
-        eps_high=config.rl_grpo_clip,
+        eps_low=config.grpo_clip,
+        eps_high=config.grpo_clip,
         length_normalized=True,
     )
 
@@ -166,7 +166,7 @@ def gspo(
     log_s = tokens.sequence_sum(log_r, seq_sum) / inputs.response_lengths.to(log_r)
     log_s_token = tokens.per_token(log_s)
     s = (log_s_token + tokens.logprobs - tokens.logprobs.detach()).exp()
-    low_eps, high_eps = config.rl_gspo_clip_low, config.rl_gspo_clip_high
+    low_eps, high_eps = config.gspo_clip_low, config.gspo_clip_high
     adv = tokens.advantages
     surrogate = torch.minimum(s * adv, s.clamp(1 - low_eps, 1 + high_eps) * adv)
     terms = _masked(tokens, -correction.weight * surrogate) / tokens.lengths
@@ -180,8 +180,8 @@ def cispo(
     """CISPO: -(1/T_all) sum_i sum_t c_t sg[clip(r_t, 1-eps_low, 1+eps_high)] A log pi_theta."""
     tokens, stats, correction = _setup(inputs, config, "cispo", seq_sum)
     ratio = (tokens.logprobs.detach() - tokens.old).exp()
-    lower = None if config.rl_cispo_clip_low is None else 1 - config.rl_cispo_clip_low
-    upper = 1 + config.rl_cispo_clip_high
+    lower = None if config.cispo_clip_low is None else 1 - config.cispo_clip_low
+    upper = 1 + config.cispo_clip_high
     clipped = ratio.clamp(min=lower, max=upper)
     terms = _masked(tokens, -correction.weight * clipped * tokens.advantages * tokens.logprobs)
     # CISPO never zeroes a token; its clip fractions count the weights that were clipped.

@@ -10,9 +10,12 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from megatron_rl.config.flags import ConfigError
+
+if TYPE_CHECKING:
+    from megatron_rl.arguments import RunConfig
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -101,7 +104,11 @@ class ModelConfig:
     def num_moe_layers(self) -> int:
         return len(self.moe_layer_indices())
 
-    def validate(self) -> None:
+    def validate(self, run: RunConfig) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """The shape's own consistency (no other component needed)."""
         if self.num_attention_heads % self.num_query_groups:
             raise ConfigError(
                 f"--num-attention-heads {self.num_attention_heads} is not a multiple of "

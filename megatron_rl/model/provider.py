@@ -66,7 +66,7 @@ def transformer_config(
 
     ``routing_replay``: the routers will replay routes (R2/R3); settings under which the
     replay cannot be exact are refused (replay.config.check_model_supports_replay)."""
-    model.validate()
+    model.check()
     use_te = transformer_engine_available() if use_te is None else use_te
     if routing_replay:
         check_model_supports_replay(model)

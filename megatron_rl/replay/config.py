@@ -40,11 +40,10 @@ class ReplayConfig:
     inference engine chose (returned with each rollout), in the pi_old pass and in every
     update. Gate weights always come from the live router logits."""
 
-    def validate(self, run: RunConfig | ModelConfig) -> None:
+    def validate(self, run: RunConfig) -> None:
         """Refuse, at start-up, model settings under which the replay cannot be exact."""
-        model = run if isinstance(run, ModelConfig) else run.model
         if self.routing_replay != "none":
-            check_model_supports_replay(model, flag=f"--routing-replay {self.routing_replay}")
+            check_model_supports_replay(run.model, flag=f"--routing-replay {self.routing_replay}")
 
     @property
     def needs_rollout_routes(self) -> bool:
@@ -61,12 +60,11 @@ class ReplayConfig:
             return "record"
         return "observe" if have_rollout_routes else "off"
 
-    def update_mode(self, have_routes: bool = False) -> PassMode:
+    def update_mode(self) -> PassMode:
         """Mode of the gradient updates: R2 and R3 replay; without replay the routers
-        route freely (observed when the micro-batches carry routes)."""
-        if self.routing_replay in ("r2", "r3"):
-            return "replay"
-        return "observe" if have_routes else "off"
+        route freely and are not measured (router agreement comes from the pi_old pass,
+        or from the first update where it stands in for that pass)."""
+        return "replay" if self.routing_replay in ("r2", "r3") else "off"
 
 
 def check_model_supports_replay(model: ModelConfig, *, flag: str = "routing replay") -> None:

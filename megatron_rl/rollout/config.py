@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import urllib.parse
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from megatron_rl.config.flags import ConfigError
 from megatron_rl.rollout.protocol import SamplingParams
+
+if TYPE_CHECKING:
+    from megatron_rl.arguments import RunConfig
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -92,7 +95,7 @@ class RolloutConfig:
             stop_token_ids=tuple(self.stop_token_ids),
         )
 
-    def validate(self) -> None:
+    def validate(self, run: RunConfig) -> None:
         for url in self.urls:
             parsed = urllib.parse.urlparse(url)
             if parsed.scheme not in ("http", "https") or not parsed.netloc:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from megatron_rl.config.flags import ConfigError
+
+if TYPE_CHECKING:
+    from megatron_rl.arguments import RunConfig
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -44,7 +47,8 @@ class TrainingConfig:
     seed: int = 1234
     """Seed of every random generator."""
 
-    def validate(self, data_parallel_size: int) -> None:
+    def validate(self, run: RunConfig) -> None:
+        data_parallel_size = run.parallel.data_parallel_size(run.world_size)
         if self.micro_batch_size < 1 or self.global_batch_size < 1:
             raise ConfigError("--micro-batch-size and --global-batch-size must be >= 1")
         if self.global_batch_size % (self.micro_batch_size * data_parallel_size):
@@ -78,6 +82,12 @@ class CheckpointConfig:
     keep_last: int = 2
     """Complete checkpoints to keep (older ones are deleted)."""
 
+    def validate(self, run: RunConfig) -> None:
+        if self.save_interval < 0:
+            raise ConfigError(f"--save-interval must be >= 0, got {self.save_interval}")
+        if self.keep_last < 1:
+            raise ConfigError(f"--keep-last must be >= 1, got {self.keep_last}")
+
 
 @dataclass(kw_only=True, frozen=True)
 class LoggingConfig:
@@ -96,6 +106,10 @@ class LoggingConfig:
     progress: bool = True
     """Show the rich progress display (rank 0)."""
 
+    def validate(self, run: RunConfig) -> None:
+        if self.log_interval < 1:
+            raise ConfigError(f"--log-interval must be >= 1, got {self.log_interval}")
+
 
 @dataclass(kw_only=True, frozen=True)
 class EvalConfig:
@@ -107,3 +121,10 @@ class EvalConfig:
     """Longest greedy answer generated during evaluation."""
     eval_micro_batch_size: int = 32
     """Prompts per forward pass during evaluation."""
+
+    def validate(self, run: RunConfig) -> None:
+        if self.eval_max_new_tokens < 1 or self.eval_micro_batch_size < 1:
+            raise ConfigError(
+                f"--eval-max-new-tokens ({self.eval_max_new_tokens}) and "
+                f"--eval-micro-batch-size ({self.eval_micro_batch_size}) must be >= 1"
+            )

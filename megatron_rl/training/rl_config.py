@@ -3,45 +3,51 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from megatron_rl.config.flags import ConfigError
+
+if TYPE_CHECKING:
+    from megatron_rl.arguments import RunConfig
 
 
 @dataclass(kw_only=True, frozen=True)
 class RLConfig:
     """One RL step: B prompts x G responses, then N = rollout batch / mini-batch updates."""
 
-    rl_group_size: int = 8
+    flag_prefix: ClassVar[str] = "--rl-"
+
+    group_size: int = 8
     """G: responses per prompt. --global-batch-size counts responses (B x G)."""
-    rl_mini_batch_size: int | None = None
+    mini_batch_size: int | None = None
     """Responses per gradient update; N = --global-batch-size / this is the paper's
     off-policiness. None: one update per rollout batch (on-policy)."""
-    rl_sequence_packing: bool = False
+    sequence_packing: bool = False
     """Pack several responses into each row of --seq-length tokens."""
-    rl_router_agreement: bool = True
+    router_agreement: bool = True
     """Ask the rollout servers for routed experts even without r3, to measure how often
     the trainer's own top-k agrees with the inference engine's."""
-    rl_old_logprobs_from_first_update: bool = True
+    old_logprobs_from_first_update: bool = True
     """pi_old of the first mini-batch is pi_theta of its own update (the weights have not
     moved yet), so its separate pi_old forward is skipped: the first update's forward
     scores it, with the same routing (R3 replays the rollout's routes in both; without
     replay both route freely and the routers are observed) and the same statistics.
     Saves 1/N of the pi_old pass (all of it at N = 1). R2 keeps the whole pass: it records
     the routes of every mini-batch there."""
-    rl_weight_version_check: Literal["strict", "warn", "off"] = "strict"
+    weight_version_check: Literal["strict", "warn", "off"] = "strict"
     """Every rollout sample must carry the policy version the trainer last synced."""
-    rl_keep_weight_versions: int = 2
+    keep_weight_versions: int = 2
     """Exported weight versions kept on disk for the rollout servers."""
-    rl_sync_dir: str | None = None
+    sync_dir: str | None = None
     """Where exported weights go (default: <save>/weights or a temporary directory)."""
 
     def num_updates(self, global_batch_size: int) -> int:
-        mini = self.rl_mini_batch_size or global_batch_size
+        mini = self.mini_batch_size or global_batch_size
         return global_batch_size // mini
 
-    def validate(self, run, world_size: int) -> None:
-        g = self.rl_group_size
+    def validate(self, run: RunConfig) -> None:
+        world_size = run.world_size
+        g = self.group_size
         gbs = run.training.global_batch_size
         if g < 2:
             raise ConfigError(
@@ -52,7 +58,7 @@ class RLConfig:
                 f"--global-batch-size {gbs} (responses per rollout batch) is not a multiple "
                 f"of --rl-group-size {g}"
             )
-        mini = self.rl_mini_batch_size or gbs
+        mini = self.mini_batch_size or gbs
         if mini < 1 or gbs % mini:
             raise ConfigError(
                 f"--global-batch-size {gbs} is not divisible by --rl-mini-batch-size {mini}"

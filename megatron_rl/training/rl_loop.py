@@ -88,10 +88,10 @@ class RLLoop:
 
     def __init__(self, run: RunConfig) -> None:
         self.run = run
-        self.rl: RLConfig = run.extra["rl"]
-        self.objective: ObjectiveConfig = run.extra["objective"]
-        self.rollout_cfg: RolloutConfig = run.extra["rollout"]
-        self.replay_mode: str = run.extra["replay"].routing_replay
+        self.rl: RLConfig = run.rl
+        self.objective: ObjectiveConfig = run.objective
+        self.rollout_cfg: RolloutConfig = run.rollout
+        self.replay_mode: str = run.replay.routing_replay
         self.tokenizer = load_tokenizer(run.model.tokenizer, run.model.vocab_size)
         self.task = Task(run.task, seed=run.training.seed)
         # Routers can always be observed (router agreement); replay itself additionally
@@ -106,16 +106,16 @@ class RLLoop:
         self.layout = BatchLayout(
             micro_batch_size=run.training.micro_batch_size,
             seq_length=run.model.seq_length,
-            pack=self.rl.rl_sequence_packing,
+            pack=self.rl.sequence_packing,
             pad_id=self.tokenizer.pad_token_id or 0,
             route_shape=(len(self.replay.stage_moe_positions()), run.model.moe_router_topk,
                          run.model.num_experts),
         )
-        self.want_routes = self.replay_mode == "r3" or self.rl.rl_router_agreement
+        self.want_routes = self.replay_mode == "r3" or self.rl.router_agreement
         self.service = RolloutService(
             self.engine, run, self.rollout_cfg, self.tokenizer,
             return_routed_experts=self.want_routes, is_leader=self.is_leader,
-            sync_dir=self.rl.rl_sync_dir, keep_versions=self.rl.rl_keep_weight_versions,
+            sync_dir=self.rl.sync_dir, keep_versions=self.rl.keep_weight_versions,
         )
         self.writer = MetricsWriter(
             run.checkpoint.save, tensorboard_dir=run.logging.tensorboard_dir,
@@ -159,7 +159,7 @@ class RLLoop:
 
     def next_prompts(self) -> dict[int, TaskItem]:
         """This data-parallel rank's prompts of the next rollout batch."""
-        prompts_per_step = self.run.training.global_batch_size // self.rl.rl_group_size
+        prompts_per_step = self.run.training.global_batch_size // self.rl.group_size
         items, self.state.data_position = self.task.next_items(
             self.state.data_position, prompts_per_step
         )
@@ -171,11 +171,11 @@ class RLLoop:
         t0 = time.perf_counter()
         samples: list[RolloutSample] | None = None
         if self.is_leader:
-            requests = build_requests(items, self.tokenizer, self.rl.rl_group_size)
+            requests = build_requests(items, self.tokenizer, self.rl.group_size)
             self.progress.start_rollout(len(requests))
             samples = self.service.generate(requests, f"step{step}",
                                             on_sample=lambda _: self.progress.rollout_advance())
-            self.service.check_versions(samples, self.rl.rl_weight_version_check)
+            self.service.check_versions(samples, self.rl.weight_version_check)
             record.add_stats(score_samples(samples, items, self.task, self.tokenizer))
             record.add_stats(_advantages(samples, self.objective))
             record.add_stats(_sample_stats(samples))
@@ -193,15 +193,12 @@ class RLLoop:
         return train_samples
 
     def old_pass_mode(self) -> str:
-        """Routing of the pi_old pass: R3 replays the rollout's routes, R2 records the
-        trainer's own; both (and no replay) measure how often the trainer agrees with the
-        rollout engine."""
-        mode = {"r3": "replay", "r2": "record"}.get(self.replay_mode, "observe")
-        return "off" if mode == "observe" and not self.want_routes else mode
+        """Routing of the pi_old pass, as the replay config decides it."""
+        return self.run.replay.old_logprob_mode(have_rollout_routes=self.want_routes)
 
     def first_update_is_old_pass(self) -> bool:
-        """See RLConfig.rl_old_logprobs_from_first_update."""
-        return self.rl.rl_old_logprobs_from_first_update and self.old_pass_mode() != "record"
+        """See RLConfig.old_logprobs_from_first_update."""
+        return self.rl.old_logprobs_from_first_update and self.old_pass_mode() != "record"
 
     def compute_old_logprobs(self, samples, record: StepRecord) -> None:
         t0 = time.perf_counter()
@@ -220,7 +217,7 @@ class RLLoop:
     def update(self, samples, record: StepRecord) -> None:
         t0 = time.perf_counter()
         n = self.rl.num_updates(self.run.training.global_batch_size)
-        mode = "replay" if self.replay_mode in ("r2", "r3") else "off"
+        mode = self.run.replay.update_mode()
         self.progress.start_updates(n)
         outcomes = policy_updates(
             self.engine, samples, self.layout, self.objective, n, replay=self.replay,
@@ -325,8 +322,8 @@ def _make_replay(engine: MegatronEngine, run: RunConfig):
 def _advantages(samples: list[RolloutSample], objective: ObjectiveConfig) -> dict[str, Stat]:
     rewards = torch.tensor([s.reward for s in samples], dtype=torch.float64)
     groups = torch.tensor([s.prompt_index for s in samples], dtype=torch.long)
-    advantages = compute_advantages(rewards, groups, objective.advantage_estimator(),
-                                    std_eps=objective.rl_advantage_std_eps)
+    advantages = compute_advantages(rewards, groups, objective.estimator_in_force(),
+                                    std_eps=objective.advantage_std_eps)
     for sample, adv in zip(samples, advantages.tolist(), strict=True):
         sample.metadata["advantage"] = adv
     lengths = torch.tensor([len(s.response_ids) for s in samples], dtype=torch.float64)
@@ -343,13 +340,9 @@ def _sample_stats(samples: list[RolloutSample]) -> dict[str, Stat]:
 
 def _flat_config(run: RunConfig) -> dict[str, Any]:
     out: dict[str, Any] = {"stage": run.stage}
-    for name in ("model", "parallel", "training", "task"):
-        for key, value in asdict(getattr(run, name)).items():
+    for name, component in run.components():
+        for key, value in asdict(component).items():
             out[f"{name}.{key}"] = value
-    for name, component in run.extra.items():
-        if hasattr(component, "__dataclass_fields__"):
-            for key, value in asdict(component).items():
-                out[f"{name}.{key}"] = value
     return out
 
 

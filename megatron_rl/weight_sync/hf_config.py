@@ -117,7 +117,7 @@ def to_hf_config(
     eos_token_id: int | None = None,
 ) -> Qwen3MoeConfig:
     """The Hugging Face config of the model the trainer builds from ``model_config``."""
-    model_config.validate()
+    model_config.check()
     pattern = model_config.moe_layer_pattern()
     return Qwen3MoeConfig(
         vocab_size=model_config.vocab_size,

@@ -142,7 +142,7 @@ def model_config_from_hf(
             f"{hf_dir}: norm_topk_prob=false routing (no renormalisation of the "
             "top-k gates) has no megatron-core equivalent here"
         )
-    config.validate()
+    config.check()
     return config
 
 

@@ -72,3 +72,36 @@ def test_entry_point_reports_config_errors(capsys):
 
     assert pretrain_rl.main(["--tensor-model-parallel-size", "2"]) == 2
     assert "world size 1 is not divisible by TP x PP x CP" in capsys.readouterr().err
+
+
+def test_no_two_flags_share_an_argparse_slot():
+    parser = build_parser()
+    dests: dict[str, str] = {}
+    for action in parser._actions:
+        for option in action.option_strings:
+            if option.startswith("--no-") or option in ("-h", "--help"):
+                continue  # BooleanOptionalAction's negation shares its flag's slot
+            assert action.dest not in dests, f"{option} and {dests[action.dest]} share {action.dest}"
+            dests[action.dest] = option
+    # Fields called alike in two components stay apart.
+    assert dests["training.seed"] == "--seed" and dests["rollout.seed"] == "--rl-rollout-seed"
+    assert dests["logging.progress"] == "--progress"
+    assert dests["rollout.progress"] == "--rl-rollout-progress"
+
+
+def test_same_named_fields_of_two_components_do_not_set_each_other():
+    run = parse_args(["--rl-rollout-seed", "9", "--no-rl-rollout-progress"], world_size=1)
+    assert run.rollout.seed == 9 and run.training.seed == 1234
+    assert run.rollout.progress is False and run.logging.progress is True
+    run = parse_args(["--seed", "7", "--no-progress"], world_size=1)
+    assert run.training.seed == 7 and run.rollout.seed == 1234
+    assert run.logging.progress is False and run.rollout.progress is True
+
+
+def test_rl_fields_drop_the_prefix_but_keep_the_flag():
+    run = parse_args(["--rl-group-size", "4", "--global-batch-size", "16", "--rl-objective",
+                      "grpo", "--rl-task", "chain_sum", "--sft-teacher",
+                      "megatron_rl.data.teachers:hedging_teacher"], world_size=1)
+    assert run.rl.group_size == 4 and run.objective.objective == "grpo"
+    assert run.task.task == "chain_sum"
+    assert run.task.sft_teacher == "megatron_rl.data.teachers:hedging_teacher"

@@ -30,7 +30,7 @@ def test_tokenizer_errors():
 
 
 def test_task_stream_is_deterministic_and_excludes_held_out():
-    config = TaskConfig(rl_eval_size=32)
+    config = TaskConfig(eval_size=32)
     a, b = Task(config, seed=5), Task(config, seed=5)
     items_a, pos_a = a.next_items(0, 50)
     items_b, pos_b = b.next_items(0, 50)
@@ -53,7 +53,7 @@ def test_task_scores_with_reasoning_gym():
     # reasoning-gym gives partial credit to an answer containing the reference; the
     # binary reward (default, as in the paper) does not.
     padded = "1" + item.answer
-    partial = Task(TaskConfig(rl_binary_reward=False), seed=1)
+    partial = Task(TaskConfig(binary_reward=False), seed=1)
     assert 0.0 < partial.score(padded, item) < 1.0
     assert task.score(padded, item) == 0.0
 
@@ -61,9 +61,9 @@ def test_task_scores_with_reasoning_gym():
 def test_jsonl_task_and_user_reward(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_text("\n".join(json.dumps({"prompt": f"q{i}", "answer": str(i)}) for i in range(6)))
-    task = Task(TaskConfig(rl_task=str(path), rl_eval_size=2,
-                           rl_reward_function="tests.foundation.rewards_fixture:length_reward",
-                           rl_binary_reward=False),
+    task = Task(TaskConfig(task=str(path), eval_size=2,
+                           reward_function="tests.foundation.rewards_fixture:length_reward",
+                           binary_reward=False),
                 seed=0)
     items, _ = task.next_items(0, 4)
     assert [i.prompt for i in items] == ["q2 ", "q3 ", "q4 ", "q5 "]
@@ -72,15 +72,15 @@ def test_jsonl_task_and_user_reward(tmp_path):
 
 def test_bad_task_inputs(tmp_path):
     with pytest.raises(ConfigError, match="no such file"):
-        Task(TaskConfig(rl_task=str(tmp_path / "missing.jsonl")), seed=0)
+        Task(TaskConfig(task=str(tmp_path / "missing.jsonl")), seed=0)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "x"}\n')
     with pytest.raises(ConfigError, match="line 1: need a JSON object with 'prompt' and 'answer'"):
-        Task(TaskConfig(rl_task=str(bad), rl_eval_size=0), seed=0)
+        Task(TaskConfig(task=str(bad), eval_size=0), seed=0)
     with pytest.raises(ConfigError, match="unknown_task"):
-        Task(TaskConfig(rl_task="unknown_task"), seed=0)
+        Task(TaskConfig(task="unknown_task"), seed=0)
     with pytest.raises(ConfigError, match="module:function"):
-        Task(TaskConfig(rl_reward_function="nocolon"), seed=0)
+        Task(TaskConfig(reward_function="nocolon"), seed=0)
 
 
 def bad_teacher(item):
@@ -108,5 +108,5 @@ def test_hedging_teacher_hedges_most_answers_and_the_binary_reward_rejects_them(
     assert task.score("~" + item.answer, item) == 0.0
     assert task.score(item.answer, item) == 1.0
     # Without the binary reward reasoning-gym's partial credit shows through.
-    partial = Task(TaskConfig(rl_binary_reward=False), seed=3)
+    partial = Task(TaskConfig(binary_reward=False), seed=3)
     assert 0.0 < partial.score("~" + item.answer, item) < 1.0

@@ -8,6 +8,7 @@ import dataclasses
 import pytest
 import torch
 
+from megatron_rl.arguments import RunConfig
 from megatron_rl.config.flags import ConfigError, add_config_flags, config_from_flags, field_help
 from megatron_rl.loss import OBJECTIVES, ObjectiveConfig, compute_loss, get_objective
 from megatron_rl.loss.config import OBJECTIVE_DEFAULTS
@@ -22,11 +23,11 @@ def parse(*argv: str) -> ObjectiveConfig:
 
 def test_defaults_are_the_papers():
     config = parse()
-    assert config.rl_objective == "minirl"
-    assert (config.rl_clip_low, config.rl_clip_high, config.rl_is_cap) == (0.2, 0.27, 5.0)
-    assert config.correction() == "tis"
-    assert config.advantage_estimator() == "group_mean"
-    config.validate()
+    assert config.objective == "minirl"
+    assert (config.clip_low, config.clip_high, config.is_cap) == (0.2, 0.27, 5.0)
+    assert config.correction_in_force() == "tis"
+    assert config.estimator_in_force() == "group_mean"
+    config.validate(RunConfig())
 
 
 def test_every_field_has_help():
@@ -37,44 +38,44 @@ def test_every_field_has_help():
 def test_flags_parse():
     config = parse("--rl-objective", "gspo", "--rl-is-cap", "none", "--rl-correction", "none",
                    "--rl-correction-level", "sequence", "--rl-cispo-clip-low", "0.3")
-    assert config.rl_objective == "gspo"
-    assert config.rl_is_cap is None
-    assert config.rl_correction == "none" and config.correction() == "none"
-    assert config.rl_correction_level == "sequence"
-    assert config.rl_cispo_clip_low == 0.3
+    assert config.objective == "gspo"
+    assert config.is_cap is None
+    assert config.correction == "none" and config.correction_in_force() == "none"
+    assert config.correction_level == "sequence"
+    assert config.cispo_clip_low == 0.3
     with pytest.raises(SystemExit):
         parse("--rl-correction", "bogus")
 
 
 @pytest.mark.parametrize("objective", ["grpo", "gspo", "cispo"])
 def test_auto_picks_the_papers_estimator_and_correction(objective):
-    config = ObjectiveConfig(rl_objective=objective)
-    assert config.advantage_estimator() == "group_mean_std"
-    assert config.correction() == "none"
-    assert ObjectiveConfig(rl_objective=objective, rl_correction="tis").correction() == "tis"
+    config = ObjectiveConfig(objective=objective)
+    assert config.estimator_in_force() == "group_mean_std"
+    assert config.correction_in_force() == "none"
+    assert ObjectiveConfig(objective=objective, correction="tis").correction_in_force() == "tis"
 
 
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        (dict(rl_objective="nope"), "--rl-objective 'nope' is unknown; choose one of minirl"),
-        (dict(rl_clip_low=1.0), r"--rl-clip-low must be in \[0, 1\)"),
-        (dict(rl_clip_high=-0.1), "--rl-clip-high must be a finite number >= 0"),
-        (dict(rl_grpo_clip=1.5), r"--rl-grpo-clip must be in \[0, 1\)"),
-        (dict(rl_is_cap=0.0), "--rl-is-cap must be a positive number or none"),
-        (dict(rl_mis_low=2.0, rl_mis_high=1.0), "--rl-mis-low 2.0 and --rl-mis-high 1.0 must satisfy"),
-        (dict(rl_icepop_alpha=-1.0), "--rl-icepop-alpha -1.0 and --rl-icepop-beta 5.0 must satisfy"),
-        (dict(rl_objective="minirl_no_is", rl_correction="tis"), "minirl_no_is has no training-inference weight"),
-        (dict(rl_advantage_estimator="median"), "--rl-advantage-estimator 'median' is unknown"),
-        (dict(rl_advantage_std_eps=-1.0), "--rl-advantage-std-eps must be >= 0"),
-        (dict(rl_cispo_clip_low=1.0), r"--rl-cispo-clip-low must be in \[0, 1\)"),
-        (dict(rl_objective="loss_batches:nothing"), "--rl-objective 'loss_batches:nothing': 'loss_batches' has no attribute"),
-        (dict(rl_advantage_estimator="no_such_mod_q:f"), "--rl-advantage-estimator 'no_such_mod_q:f': cannot import"),
+        (dict(objective="nope"), "--rl-objective 'nope' is unknown; choose one of minirl"),
+        (dict(clip_low=1.0), r"--rl-clip-low must be in \[0, 1\)"),
+        (dict(clip_high=-0.1), "--rl-clip-high must be a finite number >= 0"),
+        (dict(grpo_clip=1.5), r"--rl-grpo-clip must be in \[0, 1\)"),
+        (dict(is_cap=0.0), "--rl-is-cap must be a positive number or none"),
+        (dict(mis_low=2.0, mis_high=1.0), "--rl-mis-low 2.0 and --rl-mis-high 1.0 must satisfy"),
+        (dict(icepop_alpha=-1.0), "--rl-icepop-alpha -1.0 and --rl-icepop-beta 5.0 must satisfy"),
+        (dict(objective="minirl_no_is", correction="tis"), "minirl_no_is has no training-inference weight"),
+        (dict(advantage_estimator="median"), "--rl-advantage-estimator 'median' is unknown"),
+        (dict(advantage_std_eps=-1.0), "--rl-advantage-std-eps must be >= 0"),
+        (dict(cispo_clip_low=1.0), r"--rl-cispo-clip-low must be in \[0, 1\)"),
+        (dict(objective="loss_batches:nothing"), "--rl-objective 'loss_batches:nothing': 'loss_batches' has no attribute"),
+        (dict(advantage_estimator="no_such_mod_q:f"), "--rl-advantage-estimator 'no_such_mod_q:f': cannot import"),
     ],
 )
 def test_validate_errors(changes, message):
     with pytest.raises(ConfigError, match=message):
-        ObjectiveConfig(**changes).validate()
+        ObjectiveConfig(**changes).validate(RunConfig())
 
 
 def test_registry_matches_config_table():
@@ -88,8 +89,8 @@ def test_unknown_objective_lists_choices():
 
 
 def test_user_objective_by_import_path():
-    config = ObjectiveConfig(rl_objective="loss_batches:custom_objective")
-    config.validate()
+    config = ObjectiveConfig(objective="loss_batches:custom_objective")
+    config.validate(RunConfig())
     lp = torch.tensor([-1.0, -2.0, -4.0], requires_grad=True)
     from megatron_rl.loss import LossInputs
 

@@ -20,12 +20,12 @@ from megatron_rl.loss import OBJECTIVES, ObjectiveConfig, compute_loss
 from megatron_rl.metrics.stats import all_reduce_stats, results
 
 LENGTHS = [3, 5, 2, 7, 4, 6]
-CONFIGS = {name: ObjectiveConfig(rl_objective=name) for name in OBJECTIVES}
+CONFIGS = {name: ObjectiveConfig(objective=name) for name in OBJECTIVES}
 CONFIGS["gspo_wide+tis@sequence"] = ObjectiveConfig(
-    rl_objective="gspo", rl_gspo_clip_low=0.1, rl_gspo_clip_high=0.1,
-    rl_correction="tis", rl_correction_level="sequence", rl_is_cap=2.0,
+    objective="gspo", gspo_clip_low=0.1, gspo_clip_high=0.1,
+    correction="tis", correction_level="sequence", is_cap=2.0,
 )
-CONFIGS["minirl+mis@sequence"] = ObjectiveConfig(rl_correction="mis", rl_correction_level="sequence")
+CONFIGS["minirl+mis@sequence"] = ObjectiveConfig(correction="mis", correction_level="sequence")
 
 
 def _setup():

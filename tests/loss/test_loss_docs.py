@@ -35,7 +35,7 @@ def _emitted_metrics() -> set[str]:
     batch = make_batch(-torch.rand(sum(lengths), dtype=torch.float64), lengths)
     for objective in OBJECTIVES:
         _, stats = run_split(batch, split(batch, "whole"), -torch.rand(9, dtype=torch.float64),
-                             ObjectiveConfig(rl_objective=objective))
+                             ObjectiveConfig(objective=objective))
         reduced = results(merge_stats(stats))
         names |= set(reduced) | set(derived_metrics(reduced))
     rewards = torch.tensor([1.0, 0.0, 1.0, 1.0])

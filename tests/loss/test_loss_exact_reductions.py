@@ -14,34 +14,35 @@ import pytest
 import torch
 from loss_batches import SPLITS, make_batch, run_split, split
 
+from megatron_rl.arguments import RunConfig
 from megatron_rl.loss import OBJECTIVES, ObjectiveConfig
 from megatron_rl.metrics.stats import merge_stats, results
 
 LENGTHS = [3, 5, 2, 7, 4, 6, 1, 5]
 
-CONFIGS = {name: ObjectiveConfig(rl_objective=name) for name in OBJECTIVES}
+CONFIGS = {name: ObjectiveConfig(objective=name) for name in OBJECTIVES}
 CONFIGS.update(
     {
-        f"minirl+{kind}@{level}": ObjectiveConfig(rl_correction=kind, rl_correction_level=level)
+        f"minirl+{kind}@{level}": ObjectiveConfig(correction=kind, correction_level=level)
         for kind in ("none", "tis", "mis", "icepop")
         for level in ("token", "sequence")
     }
 )
 CONFIGS.update(
     {
-        "minirl+tis_uncapped": ObjectiveConfig(rl_is_cap=None),
-        "gspo_wide": ObjectiveConfig(rl_objective="gspo", rl_gspo_clip_low=0.1, rl_gspo_clip_high=0.1),
+        "minirl+tis_uncapped": ObjectiveConfig(is_cap=None),
+        "gspo_wide": ObjectiveConfig(objective="gspo", gspo_clip_low=0.1, gspo_clip_high=0.1),
         "gspo_wide+tis@sequence": ObjectiveConfig(
-            rl_objective="gspo", rl_gspo_clip_low=0.1, rl_gspo_clip_high=0.1,
-            rl_correction="tis", rl_correction_level="sequence", rl_is_cap=2.0,
+            objective="gspo", gspo_clip_low=0.1, gspo_clip_high=0.1,
+            correction="tis", correction_level="sequence", is_cap=2.0,
         ),
         "cispo_two_sided+mis": ObjectiveConfig(
-            rl_objective="cispo", rl_cispo_clip_low=0.2, rl_cispo_clip_high=0.27, rl_correction="mis"
+            objective="cispo", cispo_clip_low=0.2, cispo_clip_high=0.27, correction="mis"
         ),
-        "grpo+icepop": ObjectiveConfig(rl_objective="grpo", rl_correction="icepop"),
+        "grpo+icepop": ObjectiveConfig(objective="grpo", correction="icepop"),
         "ppo+mis@sequence": ObjectiveConfig(
-            rl_objective="ppo", rl_correction="mis", rl_correction_level="sequence",
-            rl_mis_low=0.05, rl_mis_high=20.0,
+            objective="ppo", correction="mis", correction_level="sequence",
+            mis_low=0.05, mis_high=20.0,
         ),
     }
 )
@@ -70,7 +71,7 @@ def _assert_stats_close(got: dict, want: dict, rtol: float, atol: float) -> None
 @pytest.mark.parametrize("config_name", list(CONFIGS))
 def test_splits_agree_float64(config_name):
     config = CONFIGS[config_name]
-    config.validate()
+    config.validate(RunConfig())
     ref_loss, ref_grad, ref_stats = _evaluate(config, "whole", torch.float64)
     assert torch.isfinite(ref_loss)
     assert ref_grad.abs().sum() > 0, "the batch must produce a gradient to compare"

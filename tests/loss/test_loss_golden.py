@@ -121,7 +121,7 @@ def test_minirl_no_is():
     loss = -(1 / 2) * (1.1 * A_a * -1.0 + 1.0 * A_b * -1.5 + 1.3 * A_b * -3.0)
     grads = {"a0": -(1 / 2) * 1.1 * A_a, "a1": 0.0, "b0": 0.0,
              "b1": -(1 / 2) * 1.0 * A_b, "b2": -(1 / 2) * 1.3 * A_b}
-    check(ObjectiveConfig(rl_objective="minirl_no_is"), loss, grads)
+    check(ObjectiveConfig(objective="minirl_no_is"), loss, grads)
 
 
 def test_minirl_length_norm():
@@ -129,7 +129,7 @@ def test_minirl_length_norm():
                        + (1 / 3) * (5.0 * 1.0 * A_b * -1.5 + 0.25 * 1.3 * A_b * -3.0))
     grads = {"a0": -(1 / 2) * (1 / 2) * 1.1 * A_a, "a1": 0.0, "b0": 0.0,
              "b1": -(1 / 2) * (1 / 3) * 5.0 * A_b, "b2": -(1 / 2) * (1 / 3) * 0.25 * 1.3 * A_b}
-    check(ObjectiveConfig(rl_objective="minirl_length_norm"), loss, grads)
+    check(ObjectiveConfig(objective="minirl_length_norm"), loss, grads)
 
 
 def test_ppo():
@@ -142,7 +142,7 @@ def test_ppo():
     # d/dlogp of c r A where the unclipped branch is the minimum: the same as minirl's.
     grads = {"a0": -(1 / 2) * 1.0 * 1.1 * A_a, "a1": 0.0, "b0": 0.0,
              "b1": -(1 / 2) * 5.0 * 1.0 * A_b, "b2": -(1 / 2) * 0.25 * 1.3 * A_b}
-    stats = check(ObjectiveConfig(rl_objective="ppo"), loss, grads)
+    stats = check(ObjectiveConfig(objective="ppo"), loss, grads)
     assert stats["train/clipfrac"] == pytest.approx(2 / 5)
 
 
@@ -153,7 +153,7 @@ def test_grpo():
                                     + min(1.3 * A_b, 1.2 * A_b)))
     grads = {"a0": -(1 / 2) * (1 / 2) * 1.1 * A_a, "a1": 0.0, "b0": 0.0,
              "b1": -(1 / 2) * (1 / 3) * 1.0 * A_b, "b2": -(1 / 2) * (1 / 3) * 1.3 * A_b}
-    stats = check(ObjectiveConfig(rl_objective="grpo"), loss, grads)
+    stats = check(ObjectiveConfig(objective="grpo"), loss, grads)
     assert stats["mismatch/correction_weight_mean"] == 1.0
 
 
@@ -165,7 +165,7 @@ def test_gspo():
     # grad of min(s A) w.r.t. log pi_theta(y_t) = A s / |y| for each token of the response
     grads = {"a0": 0.0, "a1": 0.0,
              "b0": -(1 / 2) * A_b * s_b / 3, "b1": -(1 / 2) * A_b * s_b / 3, "b2": -(1 / 2) * A_b * s_b / 3}
-    stats = check(ObjectiveConfig(rl_objective="gspo", rl_gspo_clip_low=0.05, rl_gspo_clip_high=0.05),
+    stats = check(ObjectiveConfig(objective="gspo", gspo_clip_low=0.05, gspo_clip_high=0.05),
                   loss, grads)
     assert stats["train/clipfrac_high"] == pytest.approx(2 / 5)  # both tokens of "a"
     assert stats["train/clipfrac_low"] == 0.0
@@ -174,7 +174,7 @@ def test_gspo():
 def test_gspo_paper_clip_range():
     # With the paper's (3e-4, 4e-4) both sequence ratios are far outside: both clipped.
     loss = -(1 / 2) * (1.0004 * A_a + 0.9997 * A_b)
-    check(ObjectiveConfig(rl_objective="gspo"), loss, dict.fromkeys(TOKENS, 0.0))
+    check(ObjectiveConfig(objective="gspo"), loss, dict.fromkeys(TOKENS, 0.0))
 
 
 def test_cispo():
@@ -183,7 +183,7 @@ def test_cispo():
     loss = -(1 / 5) * (w["a0"] * A_a * -1.0 + w["a1"] * A_a * -2.0
                        + w["b0"] * A_b * -0.5 + w["b1"] * A_b * -1.5 + w["b2"] * A_b * -3.0)
     grads = {t: -(1 / 5) * w[t] * (A_a if t[0] == "a" else A_b) for t in TOKENS}
-    stats = check(ObjectiveConfig(rl_objective="cispo", rl_cispo_clip_low=0.2, rl_cispo_clip_high=0.27),
+    stats = check(ObjectiveConfig(objective="cispo", cispo_clip_low=0.2, cispo_clip_high=0.27),
                   loss, grads)
     assert stats["train/clipfrac_low"] == pytest.approx(1 / 5)  # b0
     assert stats["train/clipfrac_high"] == pytest.approx(2 / 5)  # a1, b2
@@ -194,39 +194,39 @@ def test_cispo_defaults_no_lower_bound():
     loss = -(1 / 5) * (1.1 * A_a * -1.0 + 1.5 * A_a * -2.0
                        + 0.7 * A_b * -0.5 + 1.0 * A_b * -1.5 + 1.3 * A_b * -3.0)
     grads = {t: -(1 / 5) * R[t] * (A_a if t[0] == "a" else A_b) for t in TOKENS}
-    check(ObjectiveConfig(rl_objective="cispo"), loss, grads)
+    check(ObjectiveConfig(objective="cispo"), loss, grads)
 
 
 def test_reinforce():
     loss = -(1 / 2) * (A_a * (-1.0 - 2.0) + A_b * (-0.5 - 1.5 - 3.0))
     grads = {t: -(1 / 2) * (A_a if t[0] == "a" else A_b) for t in TOKENS}
-    stats = check(ObjectiveConfig(rl_objective="reinforce"), loss, grads)
+    stats = check(ObjectiveConfig(objective="reinforce"), loss, grads)
     assert stats["train/clipfrac"] == 0.0
 
 
 # Corrections, applied to reinforce so that the weight c_t is all that changes:
 # loss = -(1/2) sum_t c_t A lp_t, grad_t = -(1/2) c_t A.
 CORRECTIONS = {
-    "tis token C=5": (dict(rl_correction="tis"),
+    "tis token C=5": (dict(correction="tis"),
                       {"a0": 1.0, "a1": 1.8, "b0": 0.6, "b1": 5.0, "b2": 0.25}, 0.0, 1 / 5),
-    "tis token uncapped": (dict(rl_correction="tis", rl_is_cap=None), dict(RHO), 0.0, 0.0),
-    "mis token [0.5, 2]": (dict(rl_correction="mis"),
+    "tis token uncapped": (dict(correction="tis", is_cap=None), dict(RHO), 0.0, 0.0),
+    "mis token [0.5, 2]": (dict(correction="mis"),
                            {"a0": 1.0, "a1": 1.8, "b0": 0.6, "b1": 0.0, "b2": 0.0}, 2 / 5, 0.0),
-    "mis token [0.9, 10]": (dict(rl_correction="mis", rl_mis_low=0.9, rl_mis_high=10.0),
+    "mis token [0.9, 10]": (dict(correction="mis", mis_low=0.9, mis_high=10.0),
                             {"a0": 1.0, "a1": 1.8, "b0": 0.0, "b1": 8.0, "b2": 0.0}, 2 / 5, 0.0),
-    "icepop token [0.5, 5]": (dict(rl_correction="icepop"),
+    "icepop token [0.5, 5]": (dict(correction="icepop"),
                               {"a0": 1.0, "a1": 1.8, "b0": 0.6, "b1": 0.0, "b2": 0.0}, 2 / 5, 0.0),
     # Sequence level: rho_a = 1.0 * 1.8 = 1.8, rho_b = 0.6 * 8.0 * 0.25 = 1.2.
-    "tis sequence C=5": (dict(rl_correction="tis", rl_correction_level="sequence"),
+    "tis sequence C=5": (dict(correction="tis", correction_level="sequence"),
                          {"a0": 1.8, "a1": 1.8, "b0": 1.2, "b1": 1.2, "b2": 1.2}, 0.0, 0.0),
-    "tis sequence C=1.5": (dict(rl_correction="tis", rl_correction_level="sequence", rl_is_cap=1.5),
+    "tis sequence C=1.5": (dict(correction="tis", correction_level="sequence", is_cap=1.5),
                            {"a0": 1.5, "a1": 1.5, "b0": 1.2, "b1": 1.2, "b2": 1.2}, 0.0, 2 / 5),
-    "mis sequence [0.5, 1.5]": (dict(rl_correction="mis", rl_correction_level="sequence",
-                                     rl_mis_high=1.5),
+    "mis sequence [0.5, 1.5]": (dict(correction="mis", correction_level="sequence",
+                                     mis_high=1.5),
                                 {"a0": 0.0, "a1": 0.0, "b0": 1.2, "b1": 1.2, "b2": 1.2}, 2 / 5, 0.0),
-    "icepop sequence [0.5, 5]": (dict(rl_correction="icepop", rl_correction_level="sequence"),
+    "icepop sequence [0.5, 5]": (dict(correction="icepop", correction_level="sequence"),
                                  {"a0": 1.8, "a1": 1.8, "b0": 1.2, "b1": 1.2, "b2": 1.2}, 0.0, 0.0),
-    "none": (dict(rl_correction="none"), dict.fromkeys(TOKENS, 1.0), 0.0, 0.0),
+    "none": (dict(correction="none"), dict.fromkeys(TOKENS, 1.0), 0.0, 0.0),
 }
 
 
@@ -236,7 +236,7 @@ def test_corrections(case):
     adv = {t: A_a if t[0] == "a" else A_b for t in TOKENS}
     loss = -(1 / 2) * sum(c[t] * adv[t] * LP[t] for t in TOKENS)
     grads = {t: -(1 / 2) * c[t] * adv[t] for t in TOKENS}
-    stats = check(ObjectiveConfig(rl_objective="reinforce", **flags), loss, grads)
+    stats = check(ObjectiveConfig(objective="reinforce", **flags), loss, grads)
     assert stats["mismatch/correction_masked_frac"] == pytest.approx(masked_frac)
     assert stats["mismatch/correction_truncated_frac"] == pytest.approx(truncated_frac)
     assert stats["mismatch/correction_weight_mean"] == pytest.approx(sum(c.values()) / 5)
@@ -246,7 +246,7 @@ def test_correction_composes_with_minirl_clip():
     # minirl + icepop: c = [1, 1.8, 0.6, 0, 0]; M as in test_minirl; only a0 survives.
     loss = -(1 / 2) * (1.0 * 1.1 * A_a * -1.0)
     grads = {"a0": -(1 / 2) * 1.1 * A_a, "a1": 0.0, "b0": 0.0, "b1": 0.0, "b2": 0.0}
-    check(ObjectiveConfig(rl_correction="icepop"), loss, grads)
+    check(ObjectiveConfig(correction="icepop"), loss, grads)
 
 
 def test_bfloat16_inputs_are_computed_in_float32():

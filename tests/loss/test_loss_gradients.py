@@ -110,7 +110,7 @@ def test_on_policy_gradients_agree(pair):
         model, prev, labels = _policy_and_tokens()
         logprobs = _logprobs(model, prev, labels)
         same = logprobs.detach().clone()
-        out = compute_loss(_inputs(logprobs, same, same.clone()), ObjectiveConfig(rl_objective=name))
+        out = compute_loss(_inputs(logprobs, same, same.clone()), ObjectiveConfig(objective=name))
         out.loss.backward()
         assert out.stats["train/clipfrac"].result() == 0.0
         grads.append([p.grad.clone() for p in model.parameters()])
@@ -128,7 +128,7 @@ def test_minirl_and_ppo_gradients_agree_off_policy():
         logprobs = _logprobs(model, prev, labels)
         old = logprobs.detach() - _flat(RATIO).log()
         out = compute_loss(_inputs(logprobs, old, old - _flat(RHO).log()),
-                           ObjectiveConfig(rl_objective=name))
+                           ObjectiveConfig(objective=name))
         out.loss.backward()
         losses.append(float(out.loss.detach()))
         grads.append([p.grad.clone() for p in model.parameters()])

@@ -136,7 +136,7 @@ def test_piece_without_responses():
         response_lengths=torch.zeros(0, dtype=torch.long), global_num_samples=3, global_num_tokens=9,
     )
     for name in ("minirl", "gspo", "cispo", "grpo"):
-        config = ObjectiveConfig(rl_objective=name, rl_correction_level="sequence")
+        config = ObjectiveConfig(objective=name, correction_level="sequence")
         out = compute_loss(inputs, config)
         out.loss.backward()
         assert float(out.loss.detach()) == 0.0

@@ -6,6 +6,7 @@ import argparse
 
 import pytest
 
+from megatron_rl.arguments import RunConfig
 from megatron_rl.config.flags import ConfigError, add_config_flags, config_from_flags
 from megatron_rl.rollout.config import RolloutConfig
 
@@ -24,7 +25,7 @@ def test_flags():
         "--rl-top-k", "50", "--rl-max-new-tokens", "64", "--rl-rollout-seed", "9",
         "--rl-stop-token-ids", "3", "7", "--rl-rollout-dtype", "fp32", "--no-rl-rollout-progress",
     )  # fmt: skip
-    config.validate()
+    config.validate(RunConfig())
     assert config.urls == ("http://a:30000", "http://b:30000") and not config.embedded
     assert (config.api_key, config.concurrency, config.timeout_s, config.retries) == (
         "k",
@@ -44,7 +45,7 @@ def test_flags():
     )
     assert sampling.stop_token_ids == (3, 7)
     defaults = parse()
-    defaults.validate()
+    defaults.validate(RunConfig())
     assert defaults.embedded and defaults.temperature == 1.0 and defaults.host == "127.0.0.1"
 
 
@@ -68,4 +69,4 @@ def test_flags():
 )
 def test_validation_names_the_flag(changes, flag):
     with pytest.raises(ConfigError, match=flag):
-        RolloutConfig(**changes).validate()
+        RolloutConfig(**changes).validate(RunConfig())

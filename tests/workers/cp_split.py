@@ -41,7 +41,7 @@ def main():
     logprobs_whole = -(whole.tokens.float() + whole.position_ids.float()) / 100
     logprobs_local = -(local.tokens.float() + local.position_ids.float()) / 100
     rebuilt, again = cp_gather(logprobs_local, local)
-    config = ObjectiveConfig(rl_objective="gspo")
+    config = ObjectiveConfig(objective="gspo")
     whole_loss = compute_loss(policy_inputs(whole, logprobs_whole, None), config).loss
     local_loss = compute_loss(policy_inputs(local, logprobs_local, None), config,
                               seq_sum=_cp_seq_sum()).loss
