@@ -10,16 +10,14 @@ import datetime
 import logging
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 
 from megatron_rl import cpu_adaptation
 from megatron_rl.config.flags import ConfigError
-
-if TYPE_CHECKING:
-    from megatron_rl.arguments import RunConfig
+from megatron_rl.config.run_view import RunView
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +55,7 @@ class ParallelConfig:
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // self.model_parallel_size()
 
-    def validate(self, run: RunConfig) -> None:
+    def validate(self, run: RunView) -> None:
         self.check_layout(run.world_size, run.model.num_layers, run.model.num_experts)
 
     def check_layout(self, world_size: int, num_layers: int, num_experts: int) -> None:

@@ -11,13 +11,11 @@ import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from megatron_rl.config.flags import ConfigError
 from megatron_rl.config.import_path import load_callable
-
-if TYPE_CHECKING:
-    from megatron_rl.arguments import RunConfig
+from megatron_rl.config.run_view import RunView
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -48,7 +46,7 @@ class TaskConfig:
     reward); off: the scorer's own value, which for reasoning-gym includes partial credit
     for answers that merely contain the reference."""
 
-    def validate(self, run: RunConfig) -> None:
+    def validate(self, run: RunView) -> None:
         self.check()
 
     def check(self) -> None:

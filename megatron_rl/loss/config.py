@@ -11,13 +11,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import ClassVar, Literal
 
 from megatron_rl.config.flags import ConfigError
 from megatron_rl.config.import_path import load_callable
-
-if TYPE_CHECKING:
-    from megatron_rl.arguments import RunConfig
+from megatron_rl.config.run_view import RunView
 
 Correction = Literal["none", "tis", "mis", "icepop"]
 
@@ -114,7 +112,7 @@ class ObjectiveConfig:
             return self.advantage_estimator
         return _defaults(self.objective)[1]
 
-    def validate(self, run: RunConfig) -> None:
+    def validate(self, run: RunView) -> None:
         name = self.objective
         if name not in OBJECTIVE_DEFAULTS and not is_import_path(name):
             raise ConfigError(

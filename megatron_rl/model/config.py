@@ -10,12 +10,10 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from megatron_rl.config.flags import ConfigError
-
-if TYPE_CHECKING:
-    from megatron_rl.arguments import RunConfig
+from megatron_rl.config.run_view import RunView
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -104,7 +102,7 @@ class ModelConfig:
     def num_moe_layers(self) -> int:
         return len(self.moe_layer_indices())
 
-    def validate(self, run: RunConfig) -> None:
+    def validate(self, run: RunView) -> None:
         self.check()
 
     def check(self) -> None:

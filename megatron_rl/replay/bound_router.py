@@ -18,18 +18,33 @@ Instances stay out of megatron's process-global list.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
 
 from megatron_rl.replay.binding import RouterSite, drop_from_global_list
 from megatron_rl.replay.chunk_routes import ChunkRoutes
-from megatron_rl.replay.metrics import AGREEMENT, FIDELITY, expert_map, same_sets, used_exactly
+from megatron_rl.replay.metrics import (
+    AGREEMENT,
+    FIDELITY,
+    RouterMetrics,
+    expert_map,
+    same_sets,
+    used_exactly,
+)
 from megatron_rl.replay.routes import route_dtype
 
-if TYPE_CHECKING:
-    from megatron_rl.replay.router_replay import RoutingReplay
+
+class ReplayDriver(Protocol):
+    """What a bound router asks of the replay that drives it (``RoutingReplay``): the
+    routes of the micro-batch now running in a model chunk, whether this pass counts
+    tokens, and where to add its counts."""
+
+    metrics: RouterMetrics
+    counts_tokens: bool
+
+    def routes_for(self, chunk: int) -> ChunkRoutes | None: ...
 
 
 class ReplayError(RuntimeError):
@@ -39,7 +54,7 @@ class ReplayError(RuntimeError):
 class BoundRouterReplay(RouterReplay):
     """The RouterReplay of one router, bound to a global MoE layer."""
 
-    def __init__(self, site: RouterSite, driver: RoutingReplay, num_experts: int) -> None:
+    def __init__(self, site: RouterSite, driver: ReplayDriver, num_experts: int) -> None:
         super().__init__()
         drop_from_global_list({id(self)})
         # megatron >= 0.19 keeps the router's 1-based global layer number here too.

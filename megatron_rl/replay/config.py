@@ -10,13 +10,11 @@ router keeps learning. The reference and evaluation passes always route freely.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from megatron_rl.config.flags import ConfigError
+from megatron_rl.config.run_view import RunView
 from megatron_rl.model.config import ModelConfig
-
-if TYPE_CHECKING:
-    from megatron_rl.arguments import RunConfig
 
 ReplayMode = Literal["none", "r2", "r3"]
 PassMode = Literal["record", "replay", "observe", "off"]
@@ -40,7 +38,7 @@ class ReplayConfig:
     inference engine chose (returned with each rollout), in the pi_old pass and in every
     update. Gate weights always come from the live router logits."""
 
-    def validate(self, run: RunConfig) -> None:
+    def validate(self, run: RunView) -> None:
         """Refuse, at start-up, model settings under which the replay cannot be exact."""
         if self.routing_replay != "none":
             check_model_supports_replay(run.model, flag=f"--routing-replay {self.routing_replay}")

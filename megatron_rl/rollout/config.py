@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import urllib.parse
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from megatron_rl.config.flags import ConfigError
+from megatron_rl.config.run_view import RunView
 from megatron_rl.rollout.protocol import SamplingParams
-
-if TYPE_CHECKING:
-    from megatron_rl.arguments import RunConfig
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -95,7 +93,7 @@ class RolloutConfig:
             stop_token_ids=tuple(self.stop_token_ids),
         )
 
-    def validate(self, run: RunConfig) -> None:
+    def validate(self, run: RunView) -> None:
         for url in self.urls:
             parsed = urllib.parse.urlparse(url)
             if parsed.scheme not in ("http", "https") or not parsed.netloc:

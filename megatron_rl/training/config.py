@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from megatron_rl.config.flags import ConfigError
-
-if TYPE_CHECKING:
-    from megatron_rl.arguments import RunConfig
+from megatron_rl.config.run_view import RunView
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -47,7 +45,7 @@ class TrainingConfig:
     seed: int = 1234
     """Seed of every random generator."""
 
-    def validate(self, run: RunConfig) -> None:
+    def validate(self, run: RunView) -> None:
         data_parallel_size = run.parallel.data_parallel_size(run.world_size)
         if self.micro_batch_size < 1 or self.global_batch_size < 1:
             raise ConfigError("--micro-batch-size and --global-batch-size must be >= 1")
@@ -82,7 +80,7 @@ class CheckpointConfig:
     keep_last: int = 2
     """Complete checkpoints to keep (older ones are deleted)."""
 
-    def validate(self, run: RunConfig) -> None:
+    def validate(self, run: RunView) -> None:
         if self.save_interval < 0:
             raise ConfigError(f"--save-interval must be >= 0, got {self.save_interval}")
         if self.keep_last < 1:
@@ -106,7 +104,7 @@ class LoggingConfig:
     progress: bool = True
     """Show the rich progress display (rank 0)."""
 
-    def validate(self, run: RunConfig) -> None:
+    def validate(self, run: RunView) -> None:
         if self.log_interval < 1:
             raise ConfigError(f"--log-interval must be >= 1, got {self.log_interval}")
 
@@ -122,7 +120,7 @@ class EvalConfig:
     eval_micro_batch_size: int = 32
     """Prompts per forward pass during evaluation."""
 
-    def validate(self, run: RunConfig) -> None:
+    def validate(self, run: RunView) -> None:
         if self.eval_max_new_tokens < 1 or self.eval_micro_batch_size < 1:
             raise ConfigError(
                 f"--eval-max-new-tokens ({self.eval_max_new_tokens}) and "

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import ClassVar, Literal
 
 from megatron_rl.config.flags import ConfigError
-
-if TYPE_CHECKING:
-    from megatron_rl.arguments import RunConfig
+from megatron_rl.config.run_view import RunView
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -45,7 +43,7 @@ class RLConfig:
         mini = self.mini_batch_size or global_batch_size
         return global_batch_size // mini
 
-    def validate(self, run: RunConfig) -> None:
+    def validate(self, run: RunView) -> None:
         world_size = run.world_size
         g = self.group_size
         gbs = run.training.global_batch_size
