@@ -42,6 +42,8 @@ class RolloutSample:
     """Request id sent to the server (unique per sample and rollout)."""
     reward: float | None = None
     """Sequence-level reward R(x, y), filled by the reward step."""
+    advantage: float | None = None
+    """A(x, y), filled by the advantage step from the group's rewards."""
     metadata: dict[str, Any] = field(default_factory=dict)
     """Task data: reference answer, scorer inputs, parse failures."""
 
