@@ -7,7 +7,7 @@
    flipped every pair, and the median of the per-pair ratios is reported, in wall-clock
    and in CPU time of the process (stable when other jobs share the cores). Target: at
    most 1.02. The R2 record pass (forward only, pi_old) is measured the same way.
-2. Bytes per stored expert id (``replay.routes.route_dtype``).
+2. Bytes per stored expert id (``data.routes.route_dtype``).
 3. Host bytes of route data each rank keeps for its share of a rollout batch, from
    ``replay.split`` on a Qwen3-30B-A3B shaped batch (48 MoE layers, top-8, 128 experts),
    at PP=1, PP=2 and PP=2 x CP=2, next to int32 routes of all layers (what a rank holds
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def _samples(count: int, model, seed: int):
     from megatron_rl.data.packing import Sample
-    from megatron_rl.replay.routes import compact
+    from megatron_rl.data.routes import compact
 
     gen = torch.Generator().manual_seed(seed)
     out = []
@@ -196,7 +196,7 @@ def step_overhead(args) -> None:
 
 def route_memory() -> None:
     from megatron_rl.model.config import preset
-    from megatron_rl.replay.routes import route_dtype
+    from megatron_rl.data.routes import route_dtype
     from megatron_rl.replay.split import (
         moe_layers,
         pipeline_layers,

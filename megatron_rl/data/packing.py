@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from megatron_rl.replay.routes import padding_routes
+from megatron_rl.data.routes import padding_routes
 
 
 @dataclass
@@ -65,7 +65,7 @@ class MicroBatch:
     old_logprobs: torch.Tensor
     rollout_logprobs: torch.Tensor
     routes: torch.Tensor | None
-    """[B, S, moe_layers, topk] compact, padding filled by replay.routes.padding_routes."""
+    """[B, S, moe_layers, topk] compact, padding filled by data.routes.padding_routes."""
     key: int = 0
     """Identity of the micro-batch within its step (routes are keyed by it)."""
     global_num_samples: int = 0

@@ -161,7 +161,7 @@ def validate_microbatch(
         check_dtype(routes, num_experts, where)
         raise RouteError(
             f"{where}: routes have dtype {routes.dtype}; micro-batches carry the compact "
-            f"{expected} (replay.routes.route_dtype) and are widened only on the device"
+            f"{expected} (data.routes.route_dtype) and are widened only on the device"
         )
     if routes.dim() != 4 or tuple(routes.shape[:2]) != tuple(sample_ids.shape):
         raise RouteError(

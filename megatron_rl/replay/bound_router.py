@@ -33,7 +33,7 @@ from megatron_rl.replay.metrics import (
     same_sets,
     used_exactly,
 )
-from megatron_rl.replay.routes import route_dtype
+from megatron_rl.data.routes import route_dtype
 
 
 class ReplayDriver(Protocol):

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from megatron_rl.data.packing import MicroBatch
-from megatron_rl.replay.routes import RouteError, moe_layer_names, validate_microbatch
+from megatron_rl.data.routes import RouteError, moe_layer_names, validate_microbatch
 from megatron_rl.replay.split import router_order, sp_bounds
 
 

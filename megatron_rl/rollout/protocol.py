@@ -13,7 +13,7 @@ Response: ``{"text", "output_ids", "meta_info": {"id", "finish_reason": {"type":
 ``routed_experts`` is base64 of little-endian int32 in C order, logical shape
 ``[prompt + response - 1, num_hidden_layers, top-k]`` with dense layers filled with 0
 (older SGLang builds sent the same array as nested JSON lists; both are accepted). The
-decoder keeps only the MoE layers, in the compact dtype of ``replay.routes``.
+decoder keeps only the MoE layers, in the compact dtype of ``data.routes``.
 
 Every response is checked before use; anything malformed raises
 :class:`RolloutProtocolError` naming the request id and the server.
@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from megatron_rl.replay import routes as route_utils
+from megatron_rl.data import routes as route_utils
 from megatron_rl.weight_sync.hf_config import ModelShape
 
 FINISH_TYPES = ("stop", "length", "abort")
@@ -218,7 +218,7 @@ def _b64decode(text: str) -> bytes:
 def _checked_moe_routes(ids: torch.Tensor, shape: ModelShape, fail) -> torch.Tensor:
     """All-layer int32 ids -> validated MoE-layer routes in the compact dtype.
 
-    The checks of ``replay.routes.validate``, vectorised for responses of many thousand
+    The checks of ``data.routes.validate``, vectorised for responses of many thousand
     tokens, plus one of SGLang's layout: dense layers must hold zeros."""
     num_tokens, layers, topk = ids.shape
     moe = list(shape.moe_layers)

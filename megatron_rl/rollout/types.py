@@ -24,7 +24,7 @@ class RolloutSample:
     """mu_old: the inference engine's log-probability of each generated token, float32 [R]."""
     routes: torch.Tensor | None = None
     """Experts the inference engine routed each token to, compact integer dtype,
-    ``[len(prompt) + len(response) - 1, moe_layers, topk]`` (see replay.routes); None
+    ``[len(prompt) + len(response) - 1, moe_layers, topk]`` (see data.routes); None
     unless routed experts were requested."""
     finish_reason: str = "length"
     """'stop', 'length' or 'abort', as the server reported it."""

@@ -6,7 +6,7 @@ import torch
 from torchrun_launch import WORKERS
 
 from megatron_rl.data.packing import Sample, split_microbatches
-from megatron_rl.replay.routes import padding_routes
+from megatron_rl.data.routes import padding_routes
 
 
 def test_alignment_of_inputs_labels_and_masks():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megatron_rl.data.packing import Sample, split_microbatches
-from megatron_rl.replay.routes import (
+from megatron_rl.data.routes import (
     RouteError,
     compact,
     moe_layer_names,

@@ -32,7 +32,7 @@ def main():
     from megatron_rl.replay.binding import ReplayBindingError
     from megatron_rl.replay.bound_router import BoundRouterReplay, ReplayError
     from megatron_rl.replay.router_replay import RoutingReplay
-    from megatron_rl.replay.routes import RouteError
+    from megatron_rl.data.routes import RouteError
     from megatron_rl.training.forward_step import make_forward_step
 
     model = PRESETS["tiny"]
