@@ -10,8 +10,9 @@ the trainer uses, same request and response schema:
   ``sampling_params`` (``n`` copies per prompt); ``return_logprob``;
   ``logprob_start_len``; ``return_routed_experts`` (SGLang's base64 int32 encoding);
   a batch or ``n > 1`` returns a list, prompt-major.
-- ``GET /health``, ``GET /get_model_info`` (SGLang's fields plus ``model_shape``: vocabulary,
-  layers, experts, top-k, MoE layers), ``GET /get_server_info``.
+- ``GET /health``, ``GET /model_info`` (SGLang's fields plus ``model_shape``: vocabulary,
+  layers, experts, top-k, MoE layers), ``GET /server_info``; also by SGLang's deprecated
+  names ``/get_model_info`` and ``/get_server_info``.
 - ``POST /flush_cache`` (a no-op that succeeds: prompts are shared only within a batch,
   no prefix cache outlives it).
 - ``POST /update_weights_from_disk`` ``{model_path, load_format, weight_version,
@@ -265,7 +266,8 @@ def create_app(engine: GenerationEngine, *, api_key: str | None = None) -> FastA
     async def health():
         return {"status": "ok"}
 
-    @app.get("/get_model_info")
+    @app.get("/model_info")
+    @app.get("/get_model_info")  # SGLang's deprecated name, still what sglang-router forwards
     async def model_info():
         return {
             "model_path": engine.model_path,
@@ -280,6 +282,7 @@ def create_app(engine: GenerationEngine, *, api_key: str | None = None) -> FastA
             "model_shape": engine.shape.to_dict(),
         }
 
+    @app.get("/server_info")
     @app.get("/get_server_info")
     async def server_info():
         return {

@@ -1,10 +1,23 @@
 """Async rollout client over one or more SGLang (or embedded) servers.
 
+Topology: ``/generate`` goes to ``urls`` -- SGLang servers, over which the client spreads
+requests itself, or one sglang-router; weight updates, cache flushes and health checks go
+to ``worker_urls``, the servers themselves (sglang-router does not forward those calls;
+default: ``urls``). :meth:`RolloutClient.connect` waits until every URL answers
+``/health``, recognises a router by its ``/workers`` listing (and refuses one given
+without its workers, naming what the router lists), and checks every server against the
+trainer's model. Through a router each sample goes as its own ``/generate`` (the router
+refuses batched requests with per-sample request ids and seeds).
+
 Reliability model, per rollout batch:
 
-- every sample has a stable request id ``{batch_id}/p{prompt}/s{sample}`` and a
-  ``sampling_seed`` derived from it, and results are keyed by that id: a sample is
-  recorded exactly once, and a retried request samples the same tokens (same weights);
+- every sample has a stable id ``{batch_id}/p{prompt}/s{sample}`` and a ``sampling_seed``
+  derived from it, and results are keyed by that id: a sample is recorded exactly once.
+  Each attempt of a request goes with a fresh SGLang ``rid`` (``<id>#retry<n>``): SGLang
+  refuses a rid that is still registered (HTTP 400 "Duplicate request ID"), as the first
+  attempt is after a client-side timeout. A retry keeps the sample's seed, so on the
+  embedded server (and on SGLang with ``--enable-deterministic-inference``) it samples
+  the same tokens with the same weights; SGLang otherwise ignores ``sampling_seed``;
 - the samples of one prompt go as one batched ``/generate`` (``group_requests``; else one
   request per sample); at most ``concurrency`` samples are in flight, and each request
   goes to the live server with the fewest samples in flight (a retry avoids the server
@@ -17,7 +30,10 @@ Reliability model, per rollout batch:
   again (to another server, or to it once it is back);
 - timeouts, 5xx answers and aborted requests are retried up to ``retries`` times with
   backoff; 4xx answers and malformed responses fail the batch with the request and server
-  named (they are configuration errors that retrying would hide).
+  named (they are configuration errors that retrying would hide);
+- a worker that a control call cannot reach is probed like a generation server; once
+  declared down it is skipped by later control calls (``'continue'``) or fails the call
+  (``'fail'``). Behind a router, the router's own health checks stop routing to it.
 
 A server that comes back (a probe succeeds, or a later batch finds a down server healthy)
 may have restarted from its initial checkpoint: if its weight version is not the one of the
@@ -44,7 +60,13 @@ import httpx
 
 from megatron_rl.model.config import ModelConfig
 from megatron_rl.rollout.config import RolloutConfig
-from megatron_rl.rollout.control import call_all, health_all, reload_if_stale
+from megatron_rl.rollout.control import (
+    call_each,
+    health_all,
+    reload_if_stale,
+    router_workers,
+    wait_ready,
+)
 from megatron_rl.rollout.protocol import (
     GenerateResponse,
     RolloutAbortedError,
@@ -145,9 +167,13 @@ class RolloutClient:
         on_server_failure: str = "continue",
         return_routed_experts: bool = False,
         progress: bool = False,
+        worker_urls: Sequence[str] | None = None,
+        startup_timeout_s: float = 180.0,
         transport: httpx.AsyncBaseTransport | None = None,
     ):
-        """``transport`` replaces httpx's network transport (tests use httpx.MockTransport)."""
+        """``urls`` get ``/generate``; ``worker_urls`` (default: ``urls``) the control
+        calls. ``transport`` replaces httpx's network transport (tests use
+        httpx.MockTransport)."""
         if not urls:
             raise ValueError("RolloutClient needs at least one server URL")
         if on_server_failure not in ("continue", "fail"):
@@ -155,6 +181,12 @@ class RolloutClient:
                 f"on_server_failure must be 'continue' or 'fail', got {on_server_failure!r}"
             )
         self.urls = [u.rstrip("/") for u in urls]
+        self._given_workers = [u.rstrip("/") for u in worker_urls or ()]
+        self.worker_urls = self._given_workers or list(self.urls)
+        """Servers that get weight updates, cache flushes and health checks."""
+        self.routers: list[str] = []
+        """Those of ``urls`` that are sglang-routers (found by :meth:`connect`)."""
+        self.startup_timeout_s = startup_timeout_s
         self.model_config = model_config
         self.shape = ModelShape.from_model_config(model_config)
         self.sampling = sampling or SamplingParams()
@@ -210,12 +242,14 @@ class RolloutClient:
             seed=config.seed,
             concurrency=config.concurrency,
             group_requests=config.group_requests,
-            timeout_s=config.timeout_s,
+            timeout_s=config.generate_timeout_s,
             retries=config.retries,
             retry_backoff_s=config.retry_backoff_s,
             on_server_failure=config.on_server_failure,
             return_routed_experts=return_routed_experts,
             progress=config.progress,
+            worker_urls=config.worker_urls if urls is None else None,
+            startup_timeout_s=config.startup_timeout_s,
         )
 
     def backoff(self, attempt: int) -> float:
@@ -224,7 +258,9 @@ class RolloutClient:
     def _http(self, in_flight: int | None = None) -> httpx.AsyncClient:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         in_flight = self.concurrency if in_flight is None else in_flight
-        limits = httpx.Limits(max_connections=in_flight + 2 * len(self.urls))
+        limits = httpx.Limits(
+            max_connections=in_flight + 2 * len(set(self.urls) | set(self.worker_urls))
+        )
         # A dead host should not hold a request for the whole generation timeout.
         timeout = httpx.Timeout(self.timeout_s, connect=min(10.0, self.timeout_s))
         return httpx.AsyncClient(
@@ -307,7 +343,7 @@ class RolloutClient:
         self.last_batch_stats = {
             "samples": len(results),
             "retries": self._retries,
-            "servers_down": sorted(s.url for s in pool.servers if s.down),
+            "servers_down": sorted({s.url for s in pool.servers if s.down} | set(self.down_servers)),
             "seconds": elapsed,
             "response_tokens": sum(len(s.response_ids) for s in results),
         }
@@ -318,19 +354,21 @@ class RolloutClient:
     ) -> list[list[tuple[RolloutRequest, str]]]:
         """The /generate calls of a batch: the samples of each prompt index together (in
         request order), or one call per sample."""
-        if not self.group_requests:
+        if not self.group_requests or self.routers:
+            # sglang-router 0.3.2 refuses a batched /generate with a list of rids or of
+            # sampling params (HTTP 422), which per-sample seeds need.
             return [[(q, rid)] for q, rid in zip(requests, rids, strict=True)]
         groups: dict[int, list[tuple[RolloutRequest, str]]] = {}
         for q, rid in zip(requests, rids, strict=True):
             groups.setdefault(q.prompt_index, []).append((q, rid))
         return list(groups.values())
 
-    async def _generate_group(
-        self, pool: ServerPool, http: httpx.AsyncClient, group: list[tuple[RolloutRequest, str]]
-    ) -> list[RolloutSample]:
-        bodies = [
+    def _bodies(self, group: list[tuple[RolloutRequest, str]], attempt: int) -> list[dict]:
+        """The /generate bodies of one attempt: a fresh SGLang rid per attempt (a timed-out
+        attempt may still be registered on the server), the sample's own seed always."""
+        return [
             build_generate_request(
-                rid=rid,
+                rid=rid if attempt == 0 else f"{rid}#retry{attempt}",
                 input_ids=request.prompt_ids,
                 sampling=self.sampling,
                 sampling_seed=sample_seed(self.seed, rid),
@@ -338,10 +376,15 @@ class RolloutClient:
             )
             for request, rid in group
         ]
-        body = bodies[0] if len(bodies) == 1 else build_batch_request(bodies)
+
+    async def _generate_group(
+        self, pool: ServerPool, http: httpx.AsyncClient, group: list[tuple[RolloutRequest, str]]
+    ) -> list[RolloutSample]:
         label = group[0][1] + (f" (and {len(group) - 1} more of its group)" if len(group) > 1 else "")
         failures, unreachable, avoid = 0, 0, None
         while True:
+            bodies = self._bodies(group, failures + unreachable)
+            body = bodies[0] if len(bodies) == 1 else build_batch_request(bodies)
             server = await pool.pick(avoid)
             avoid = server  # a retry goes elsewhere if it can
             started = time.perf_counter()
@@ -450,7 +493,10 @@ class RolloutClient:
                 for answer, body in zip(payload, bodies, strict=True)]
 
     async def _rejoin_down_servers(self, http: httpx.AsyncClient, pool: ServerPool) -> None:
-        for server in pool.servers:
+        """Down servers that answer again and serve (or reload) the current weights rejoin,
+        generation servers and control-only workers alike."""
+        workers = [ServerState(u) for u in self.down_servers if u not in self.urls]
+        for server in [*pool.servers, *workers]:
             if server.url not in self.down_servers:
                 continue
             try:
@@ -467,30 +513,70 @@ class RolloutClient:
 
     # ---- start-up checks and control calls --------------------------------------------
 
-    def check_servers(
-        self, model_config: ModelConfig | None = None, require_routed_experts: bool | None = None
-    ) -> dict[str, dict]:
-        """Synchronous :meth:`acheck_servers`."""
-        return run_sync(self.acheck_servers(model_config, require_routed_experts))
+    def connect(self, require_routed_experts: bool | None = None) -> dict[str, dict]:
+        """Synchronous :meth:`aconnect`."""
+        return run_sync(self.aconnect(require_routed_experts))
 
-    async def acheck_servers(
-        self, model_config: ModelConfig | None = None, require_routed_experts: bool | None = None
+    async def aconnect(
+        self, require_routed_experts: bool | None = None, model_config: ModelConfig | None = None
     ) -> dict[str, dict]:
-        """Refuse servers whose model differs from the trainer's, or (r3) that return no
-        routed experts; return each server's ``/get_model_info``. See ``server_checks``."""
+        """Wait until every URL answers /health (up to ``startup_timeout_s``), find the
+        routers among ``urls``, and check every server (see ``server_checks``): refuse a
+        router given without its workers, servers whose model differs from the trainer's,
+        and (r3) generation URLs that return no routed experts. Returns each checked URL's
+        ``/model_info``."""
         shape = ModelShape.from_model_config(model_config or self.model_config)
         need_routes = (
             self.return_routed_experts if require_routed_experts is None else require_routed_experts
         )
         async with self._http() as http:
-            infos = await asyncio.gather(
-                *(check_server(http, url, shape, need_routes) for url in self.urls),
-                return_exceptions=True,
-            )
+            await wait_ready(http, list(dict.fromkeys(self.urls + self._given_workers)),
+                             self.startup_timeout_s)
+            listings = await asyncio.gather(*(router_workers(http, u) for u in self.urls))
+            routed = {u: w for u, w in zip(self.urls, listings, strict=True) if w is not None}
+            self.routers = list(routed)
+            if routed and not self._given_workers:
+                lists = "; ".join(f"{u} routes to {' '.join(w) or 'no workers yet'}"
+                                  for u, w in routed.items())
+                raise RolloutServerError(
+                    f"--rl-rollout-url {' '.join(routed)} is an sglang-router, which does not "
+                    f"forward weight updates: add --rl-rollout-worker-urls with the SGLang "
+                    f"servers behind it, as the trainer reaches them ({lists})"
+                )
+            self.worker_urls = self._given_workers or list(self.urls)
+            for router, workers in routed.items():
+                missing = sorted(set(workers) - set(self.worker_urls))
+                if missing:
+                    logger.warning(
+                        "sglang-router %s routes to %s, which --rl-rollout-worker-urls does "
+                        "not list: such a worker gets no weight updates, and its samples "
+                        "will be refused as stale (unless the names differ only in how "
+                        "the router and the trainer reach the same server)",
+                        router, ", ".join(missing),
+                    )  # fmt: skip
+            checks = [
+                check_server(http, u, shape, need_routes, temperature=self.sampling.temperature,
+                             router=u in routed)
+                for u in self.urls
+            ] + [
+                check_server(http, u, shape, False, temperature=self.sampling.temperature)
+                for u in self.worker_urls if u not in self.urls
+            ]
+            checked = [u for u in self.urls] + [u for u in self.worker_urls if u not in self.urls]
+            infos = await asyncio.gather(*checks, return_exceptions=True)
         errors = [str(e) for e in infos if isinstance(e, BaseException)]
         if errors:
             raise RolloutServerError("rollout server check failed:\n  " + "\n  ".join(errors))
-        return dict(zip(self.urls, infos, strict=True))
+        if routed:
+            logger.info("rollout: /generate through sglang-router %s; control calls to %s",
+                        ", ".join(routed), ", ".join(self.worker_urls))
+        return dict(zip(checked, infos, strict=True))
+
+    def check_servers(
+        self, model_config: ModelConfig | None = None, require_routed_experts: bool | None = None
+    ) -> dict[str, dict]:
+        """:meth:`connect` with another model config to check against."""
+        return run_sync(self.aconnect(require_routed_experts, model_config))
 
     def update_weights_from_disk(
         self, model_path: str, weight_version: str, flush_cache: bool = True
@@ -500,7 +586,7 @@ class RolloutClient:
     async def aupdate_weights_from_disk(
         self, model_path: str, weight_version: str, flush_cache: bool = True
     ) -> None:
-        """``POST /update_weights_from_disk`` on every server that is not down; all must succeed."""
+        """``POST /update_weights_from_disk`` on every worker that is not down; all must succeed."""
         body = {
             "model_path": str(model_path),
             "weight_version": str(weight_version),
@@ -521,19 +607,56 @@ class RolloutClient:
         return run_sync(self.ahealth())
 
     async def ahealth(self) -> dict[str, bool]:
-        """URL -> whether ``/health`` answers 200."""
+        """URL -> whether ``/health`` answers 200, for every worker and generation URL."""
         async with self._http() as http:
-            return await health_all(http, self.urls)
+            return await health_all(http, list(dict.fromkeys(self.urls + self.worker_urls)))
 
     async def _control(self, method: str, path: str, body: dict | None, what: str) -> None:
-        targets = [u for u in self.urls if u not in self.down_servers]
-        for url in self.urls:
+        """``method path`` on every worker not down. A worker that cannot be reached is
+        probed (``retries`` health checks with backoff) and, if it stays away, declared
+        down: under 'continue' the call stands on the others, under 'fail' it fails."""
+        targets = [u for u in self.worker_urls if u not in self.down_servers]
+        for url in self.worker_urls:
             if url in self.down_servers:
                 logger.warning("%s skips %s, which is down (%s)", what, url, self.down_servers[url])
         if not targets:
             raise RolloutServerError(f"{what}: every rollout server is down: {self.down_servers}")
         async with self._http() as http:
-            await call_all(http, targets, method, path, body, what)
+            outcomes = await call_each(http, targets, method, path, body)
+            unreachable = [u for u, why in outcomes.items() if why and why[1]]
+            if unreachable:
+                back = await asyncio.gather(*(self._probe(http, u) for u in unreachable))
+                retry = [u for u, ok in zip(unreachable, back, strict=True) if ok]
+                outcomes.update(await call_each(http, retry, method, path, body))
+                for url, ok in zip(unreachable, back, strict=True):
+                    if not ok:
+                        self._declare_down(url, outcomes[url][0], what)
+        failed = {u: why for u, why in outcomes.items()
+                  if why and not (why[1] and u in self.down_servers
+                                  and self.on_server_failure == "continue")}
+        if failed or all(outcomes.values()):
+            ok = [u for u, why in outcomes.items() if not why]
+            problems = failed or {u: why for u, why in outcomes.items() if why}
+            raise RolloutServerError(
+                f"{what} failed on: {'; '.join(f'{u} ({why[0]})' for u, why in problems.items())}"
+                f"; succeeded on: {ok or 'none'}"
+            )
+
+    async def _probe(self, http: httpx.AsyncClient, url: str) -> bool:
+        """Whether ``url`` answers /health within ``retries`` probes with backoff."""
+        for attempt in range(max(self.retries, 1)):
+            await asyncio.sleep(self.backoff(attempt))
+            try:
+                if (await http.get(f"{url}/health", timeout=5.0)).status_code == 200:
+                    return True
+            except httpx.HTTPError:
+                pass
+        return False
+
+    def _declare_down(self, url: str, reason: str, what: str) -> None:
+        self.down_servers[url] = reason
+        logger.error("rollout server %s is down (%s during %s)%s", url, reason, what,
+                     "" if self.on_server_failure == "continue" else "; failing the run")
 
 
 class _SampleLimit:

@@ -10,14 +10,26 @@ from megatron_rl.config.flags import ConfigError
 from megatron_rl.config.run_view import RunView
 from megatron_rl.rollout.protocol import SamplingParams
 
+TIMEOUT_PER_TOKEN_S = 0.05
+"""Least time budget per requested new token: 20 tokens/s, well under what one SGLang
+request decodes even in a busy batch, so only a stuck request runs into the timeout."""
+
 
 @dataclass(kw_only=True, frozen=True)
 class RolloutConfig:
     """Rollout servers, the client's behaviour, sampling, and the embedded server."""
 
     urls: tuple[str, ...] = field(default=(), metadata={"flag": "--rl-rollout-url"})
-    """SGLang server URLs (or one sglang-router URL), e.g. http://10.0.0.5:30000. Empty:
-    start the embedded CPU server on this machine."""
+    """Where /generate goes: SGLang server URLs (the client spreads requests over them) or
+    one sglang-router URL, e.g. http://10.0.0.5:30000. Empty: start the embedded CPU
+    server on this machine."""
+    worker_urls: tuple[str, ...] = field(
+        default=(), metadata={"flag": "--rl-rollout-worker-urls"}
+    )
+    """The SGLang servers that receive weight updates, cache flushes and health checks
+    (sglang-router does not forward those calls). Default: the --rl-rollout-url servers.
+    Required with a router URL (a router is recognised at start-up by its /workers
+    listing, and the error names the workers it lists)."""
     api_key: str | None = field(default=None, metadata={"flag": "--rl-rollout-api-key"})
     """API key of the servers (sent as 'Authorization: Bearer <key>', as SGLang expects)."""
     concurrency: int = field(default=64, metadata={"flag": "--rl-rollout-concurrency"})
@@ -29,7 +41,9 @@ class RolloutConfig:
     the group at once, so it prefills the shared prompt once. Off: one request per sample
     (for a gateway that does not take batched requests)."""
     timeout_s: float = field(default=600.0, metadata={"flag": "--rl-rollout-timeout"})
-    """Seconds one /generate request may take before it counts as failed and is retried."""
+    """Least seconds one /generate request may take before it counts as failed and is
+    retried. The client waits max(this, TIMEOUT_PER_TOKEN_S (0.05 s) x
+    --rl-max-new-tokens), so a long response (32k tokens: 1,638 s) is not cut off."""
     retries: int = field(default=5, metadata={"flag": "--rl-rollout-retries"})
     """Retries of a request after a connection error, timeout, 5xx or abort; also how many
     health probes (with exponential backoff) a server that stopped answering gets before it
@@ -57,8 +71,10 @@ class RolloutConfig:
     stop_token_ids: tuple[int, ...] = field(default=(), metadata={"flag": "--rl-stop-token-ids"})
     """Token ids that end a response besides the model's end-of-sequence token."""
     seed: int = field(default=1234, metadata={"flag": "--rl-rollout-seed"})
-    """Base seed: each sample's sampling_seed derives from it and the sample's request id,
-    so a retried or re-run request samples the same tokens."""
+    """Base seed: each sample's sampling_seed derives from it and the sample's position in
+    the run (step, prompt, sample), and a retry keeps it. The embedded server always
+    honours it (a retried or re-run request samples the same tokens); SGLang honours it
+    only when started with --enable-deterministic-inference, and ignores it otherwise."""
 
     dtype: Literal["bf16", "fp32"] = field(default="bf16", metadata={"flag": "--rl-rollout-dtype"})
     """Embedded server: precision of the served model (bf16 disagrees a little with the fp32
@@ -77,7 +93,13 @@ class RolloutConfig:
     startup_timeout_s: float = field(
         default=180.0, metadata={"flag": "--rl-rollout-startup-timeout"}
     )
-    """Embedded server: seconds to wait for /health after starting it."""
+    """Seconds to wait for every server (embedded or external, and the router) to answer
+    /health at start-up; the error names each URL that never did."""
+
+    @property
+    def generate_timeout_s(self) -> float:
+        """Seconds the client waits for one /generate (see ``timeout_s``)."""
+        return max(self.timeout_s, TIMEOUT_PER_TOKEN_S * self.max_new_tokens)
 
     @property
     def embedded(self) -> bool:
@@ -94,12 +116,19 @@ class RolloutConfig:
         )
 
     def validate(self, run: RunView) -> None:
-        for url in self.urls:
-            parsed = urllib.parse.urlparse(url)
-            if parsed.scheme not in ("http", "https") or not parsed.netloc:
-                raise ConfigError(f"--rl-rollout-url {url!r} is not an http(s)://host:port URL")
-        if len(set(self.urls)) != len(self.urls):
-            raise ConfigError(f"--rl-rollout-url lists a server twice: {list(self.urls)}")
+        for flag, urls in (("--rl-rollout-url", self.urls),
+                           ("--rl-rollout-worker-urls", self.worker_urls)):
+            for url in urls:
+                parsed = urllib.parse.urlparse(url)
+                if parsed.scheme not in ("http", "https") or not parsed.netloc:
+                    raise ConfigError(f"{flag} {url!r} is not an http(s)://host:port URL")
+            if len(set(urls)) != len(urls):
+                raise ConfigError(f"{flag} lists a server twice: {list(urls)}")
+        if self.worker_urls and not self.urls:
+            raise ConfigError(
+                "--rl-rollout-worker-urls names external servers, but --rl-rollout-url is "
+                "empty (the embedded server): give the router or servers with --rl-rollout-url"
+            )
         if self.api_key is not None and not self.api_key.strip():
             raise ConfigError("--rl-rollout-api-key is empty")
         checks = [

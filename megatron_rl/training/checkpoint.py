@@ -12,15 +12,29 @@ finished; ``latest_checkpointed_iteration.txt`` is replaced atomically after tha
 process killed while writing therefore leaves the previous checkpoint as the latest.
 Model and optimiser use the fully reshardable formats, so a checkpoint saved at one
 parallel layout (e.g. EP=2) loads at another (EP=1).
+
+A checkpoint is data, never code. Our own files are read with ``torch.load(...,
+weights_only=True)`` (numpy's RNG state is the only allow-listed type), and before
+megatron-core and torch.distributed.checkpoint unpickle anything of the distributed part
+(``.metadata`` with plain ``pickle``, non-tensor items with ``weights_only=False``),
+:func:`verify_checkpoint` reads ``.metadata`` with an unpickler that knows only the
+metadata classes, checks every non-tensor item with ``weights_only=True`` and every
+``.distcp`` file's size. A damaged or foreign file raises :class:`CheckpointError`
+naming it.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 import os
+import pickle
 import random
+import re
 import shutil
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,12 +45,183 @@ from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
 from megatron_rl.training.engine import MegatronEngine
 
+if TYPE_CHECKING:
+    from megatron_rl.training.config import CheckpointConfig
+
 logger = logging.getLogger(__name__)
 
 TRACKER = "latest_checkpointed_iteration.txt"
 # Layout-independent formats: optimiser state keyed by parameter, never by the position
 # of an optimiser in a chain (EP>1 chains dense and expert optimisers, EP=1 may not).
 _METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded: missing, damaged, or holding more than data."""
+
+
+def _numpy_rng_globals() -> list:
+    """numpy's RNG state (a uint32 array) in the rank files: the one non-torch type a
+    checkpoint of this package holds. Named as numpy 2 and numpy 1 pickle it."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy 1
+        from numpy.core.multiarray import _reconstruct
+    return [np.ndarray, np.dtype, _reconstruct,
+            (_reconstruct, "numpy.core.multiarray._reconstruct"),
+            (_reconstruct, "numpy._core.multiarray._reconstruct")]
+
+
+def _load_data(source: str | io.BytesIO, where: str, *, numpy_rng: bool = False) -> Any:
+    """``torch.load(weights_only=True)``: tensors, numbers, strings and containers only,
+    so nothing in the file can run code. ``where`` names the file (or item) in errors."""
+    try:
+        with torch.serialization.safe_globals(_numpy_rng_globals() if numpy_rng else []):
+            return torch.load(source, map_location="cpu", weights_only=True)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{where} is missing") from exc
+    except pickle.UnpicklingError as exc:
+        # torch's own advice (allow-list the global) is not ours to give.
+        refused = re.search(r"Unsupported (global: GLOBAL \S+|operand \S+)", str(exc))
+        if refused:
+            raise CheckpointError(
+                f"{where} holds more than data ({refused.group(0)}): refusing to load it, since "
+                "unpickling it could run code. A checkpoint may hold only tensors, numbers, "
+                "strings and containers") from exc
+        raise CheckpointError(f"{where} is damaged: {_first_line(exc)}") from exc
+    except (EOFError, RuntimeError, ValueError, OSError) as exc:
+        raise CheckpointError(f"{where} is damaged: {_first_line(exc) or type(exc).__name__}"
+                              f" (empty or truncated?)") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# Everything torch.distributed.checkpoint's ``.metadata`` pickles (torch 2.x). Plain
+# ``pickle.load`` of that file would run whatever a crafted file asks for.
+_DCP = "torch.distributed.checkpoint"
+_METADATA_GLOBALS = frozenset(
+    [("torch", "Size"), ("torch.serialization", "_get_layout"),
+     ("collections", "OrderedDict"), (f"{_DCP}.filesystem", "_StorageInfo")]
+    + [(f"{_DCP}.metadata", name) for name in (
+        "Metadata", "StorageMeta", "MetadataIndex", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")]
+    + [(f"{_DCP}.planner", name) for name in (
+        "SavePlan", "WriteItem", "WriteItemType", "TensorWriteData", "BytesIOWriteData")]
+)
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _METADATA_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(
+            f"{module}.{name} is not a type of torch.distributed.checkpoint's metadata")
+
+
+def _read_dcp_metadata(path: str) -> Any:
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    where = os.path.join(path, ".metadata")
+    try:
+        with open(where, "rb") as handle:
+            metadata = _MetadataUnpickler(handle).load()
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{where} is missing") from exc
+    except pickle.UnpicklingError as exc:
+        if "is not a type of" in str(exc):
+            raise CheckpointError(
+                f"{where} holds more than checkpoint metadata ({exc}): refusing to load it, "
+                "since unpickling it could run code") from exc
+        raise CheckpointError(f"{where} is damaged: {_first_line(exc)}") from exc
+    except (EOFError, ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
+        raise CheckpointError(f"{where} is damaged: {_first_line(exc)}") from exc
+    if not isinstance(metadata, Metadata):
+        raise CheckpointError(f"{where} is damaged: it holds a {type(metadata).__name__}, "
+                              "not torch.distributed.checkpoint metadata")
+    return metadata
+
+
+def _check_dcp_files(path: str, metadata: Any) -> None:
+    """Every item the metadata lists lies inside an existing ``.distcp`` file of ``path``;
+    every non-tensor item (unpickled by torch with ``weights_only=False``) is plain data."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    sizes: dict[str, int] = {}
+    for index, info in metadata.storage_data.items():
+        name = info.relative_path
+        if os.path.basename(name) != name or name in ("", ".", ".."):
+            raise CheckpointError(f"{path}/.metadata points outside the checkpoint ({name!r})")
+        file = os.path.join(path, name)
+        if name not in sizes:
+            if not os.path.isfile(file):
+                raise CheckpointError(f"{file} is missing (listed in {path}/.metadata)")
+            sizes[name] = os.path.getsize(file)
+        end = info.offset + info.length
+        if info.offset < 0 or info.length < 0 or end > sizes[name]:
+            raise CheckpointError(
+                f"{file} is truncated: {sizes[name]} bytes, but {path}/.metadata places "
+                f"{index.fqn} at bytes {info.offset}-{end}")
+        if isinstance(metadata.state_dict_metadata.get(index.fqn), BytesStorageMetadata):
+            if info.transform_descriptors:
+                raise CheckpointError(f"{file}: item {index.fqn} is stored with transforms "
+                                      f"{info.transform_descriptors}, which this package never "
+                                      "writes and cannot check")
+            with open(file, "rb") as handle:
+                handle.seek(info.offset)
+                data = handle.read(info.length)
+            _load_data(io.BytesIO(data), f"{file} (item {index.fqn})")
+
+
+def _check_backend(path: str) -> None:
+    """megatron picks its loader from ``metadata.json``; only the formats we write."""
+    where = os.path.join(path, "metadata.json")
+    try:
+        with open(where) as handle:
+            backend = json.load(handle)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{where} is missing") from exc
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{where} is damaged: {_first_line(exc)}") from exc
+    if not isinstance(backend, dict) or (backend.get("sharded_backend"),
+                                         backend.get("common_backend")) != ("torch_dist", "torch"):
+        raise CheckpointError(f"{where} names backends {backend!r}; this package writes and "
+                              "reads only sharded_backend torch_dist with common_backend torch")
+
+
+def _check_common(common: Any, where: str) -> dict[str, Any]:
+    if not isinstance(common, dict) or not isinstance(common.get("step"), int):
+        raise CheckpointError(f"{where} is damaged: no step number in it (holds "
+                              f"{type(common).__name__} {str(common)[:80]})")
+    if common.get("stage") == "rl":
+        missing = [key for key in ("data_position", "policy_version")
+                   if not isinstance(common.get(key), int)]
+        if missing:
+            raise CheckpointError(f"{where} is damaged: an RL checkpoint without {missing}")
+    return common
+
+
+def verify_checkpoint(path: str) -> dict[str, Any]:
+    """Check the checkpoint directory ``path`` (``.../iter_XXXXXXX``) before anything in it
+    is unpickled, and return its common state. Raises :class:`CheckpointError` naming the
+    file that is missing, damaged, truncated, or holds more than data."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path} is not a directory")
+    common = read_common_state(path)
+    _check_backend(path)
+    _check_dcp_files(path, _read_dcp_metadata(path))
+    _load_data(os.path.join(path, "common.pt"), os.path.join(path, "common.pt"))
+    return common
+
+
+def read_common_state(path: str) -> dict[str, Any]:
+    """``common_state.pt`` of the checkpoint directory ``path``, loaded as data only."""
+    where = os.path.join(path, "common_state.pt")
+    return _check_common(_load_data(where, where), where)
 
 
 def _barrier() -> None:
@@ -226,15 +411,101 @@ def complete_steps(save_dir: str) -> list[int]:
 
 
 def latest_step(load_dir: str) -> int | None:
-    """Step of the latest complete checkpoint, or None."""
+    """Step of the latest complete checkpoint, or None.
+
+    The tracker names it. A tracker that is not a step number is damaged (the package
+    writes it atomically, so something else did): that is reported, and the newest
+    checkpoint that passes :func:`verify_checkpoint` is used instead."""
     tracker = os.path.join(load_dir, TRACKER)
-    if os.path.isfile(tracker):
-        with open(tracker) as handle:
-            step = int(handle.read().strip())
-        if os.path.isdir(os.path.join(load_dir, f"iter_{step:07d}")):
-            return step
     steps = complete_steps(load_dir)
+    if os.path.isfile(tracker):
+        with open(tracker, errors="replace") as handle:
+            text = handle.read()
+        try:
+            step = int(text.strip())
+        except ValueError:
+            return _newest_intact(load_dir, steps, f"{tracker} is damaged (it holds "
+                                                   f"{text[:40]!r}, not a step number)")
+        if step in steps:
+            return step
+        # Renamed before the tracker is written: a tracker naming a missing directory was
+        # edited or its checkpoint deleted by hand.
+        _warn_once(f"{tracker} names step {step}, which has no complete checkpoint in "
+                   f"{load_dir}; using the newest complete one "
+                   f"({_iter_name(steps[-1]) if steps else 'none'})")
     return steps[-1] if steps else None
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    # latest_step is asked several times per start-up (checks, then the load itself).
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning(message)
+
+
+def _iter_name(step: int) -> str:
+    return f"iter_{step:07d}"
+
+
+def _newest_intact(load_dir: str, steps: list[int], why: str) -> int | None:
+    for step in reversed(steps):
+        try:
+            verify_checkpoint(os.path.join(load_dir, _iter_name(step)))
+        except CheckpointError as exc:
+            _warn_once(f"{why}; skipping {_iter_name(step)}: {exc}")
+            continue
+        _warn_once(f"{why}; falling back to the newest intact checkpoint, "
+                   f"{os.path.join(load_dir, _iter_name(step))}")
+        return step
+    _warn_once(f"{why}, and no checkpoint in {load_dir} is intact")
+    return None
+
+
+@dataclass(frozen=True)
+class LoadSource:
+    """The checkpoint a run starts from (see :func:`find_load_source`)."""
+
+    directory: str
+    step: int
+    common: dict[str, Any]
+    resume: bool
+    """Continue that checkpoint's own run: its step, data position and optimiser."""
+
+
+def find_load_source(cp: CheckpointConfig, stage: str) -> LoadSource | None:
+    """The checkpoint a run of ``stage`` starts from, verified; None to start afresh.
+
+    RL resumes its own run from ``--save`` (a checkpoint of stage rl), else starts from
+    ``--load``'s weights; SFT resumes from ``--load``. A ``--load`` without a complete
+    checkpoint is refused (training from random weights is never a fallback), except when
+    it is also ``--save``: the first launch of a job that resumes itself."""
+    candidates = [cp.save, cp.load] if stage == "rl" else [cp.load]
+    for directory in candidates:
+        if not directory:
+            continue
+        step = latest_step(directory)
+        if step is None:
+            continue
+        common = verify_checkpoint(os.path.join(directory, _iter_name(step)))
+        if stage == "rl" and common.get("stage") == "rl" and not cp.finetune:
+            return LoadSource(directory, step, common, resume=True)
+        if directory == cp.load:
+            return LoadSource(directory, step, common,
+                              resume=stage == "sft" and not cp.finetune)
+    if cp.load and cp.load != cp.save:
+        if not os.path.isdir(cp.load):
+            raise CheckpointError(f"--load {cp.load}: no such directory")
+        found = sorted(os.listdir(cp.load))
+        raise CheckpointError(
+            f"--load {cp.load} holds no complete checkpoint (no {TRACKER} or iter_XXXXXXX/ "
+            f"directory; found {found[:8] if found else 'nothing'}); refusing to train from "
+            "random weights")
+    if cp.load:
+        logger.info("no checkpoint in %s yet (--load = --save): starting from step 0", cp.load)
+    return None
 
 
 def load_checkpoint(
@@ -252,9 +523,9 @@ def load_checkpoint(
     from a cold start's weights and Adam moments with its own learning rate)."""
     step = latest_step(load_dir) if step is None else step
     if step is None:
-        raise FileNotFoundError(f"no complete checkpoint in {load_dir}")
-    path = os.path.join(load_dir, f"iter_{step:07d}")
-    common = torch.load(os.path.join(path, "common_state.pt"), weights_only=False)
+        raise CheckpointError(f"no complete checkpoint in {load_dir}")
+    path = os.path.join(load_dir, _iter_name(step))
+    common = verify_checkpoint(path)
     state: dict[str, Any] = {"model": _model_state(engine)}
     with_optimizer = load_optimizer and engine.optimizer is not None and common.get(
         "has_optimizer", True
@@ -284,7 +555,7 @@ def load_checkpoint(
             engine.optimizer.reload_model_params()
     rank_file = os.path.join(path, f"rank_{_rank():05d}.pt")
     if load_rng and os.path.isfile(rank_file):
-        rank_state = torch.load(rank_file, weights_only=False)
+        rank_state = _load_data(rank_file, rank_file, numpy_rng=True)
         if rank_state["layout"] == _layout():
             set_rng_state(rank_state["rng"])
         else:

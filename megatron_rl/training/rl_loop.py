@@ -277,40 +277,31 @@ class RLLoop:
     def _load(self) -> LoopState:
         """Resume an RL run, or start RL from a cold-start (SFT) checkpoint's weights."""
         cp = self.run.checkpoint
-        for directory in (cp.save, cp.load):
-            if not directory or ckpt.latest_step(directory) is None:
-                continue
-            common = _peek_common(directory)
-            if common.get("stage") == "rl" and not cp.finetune:
-                common = ckpt.load_checkpoint(self.engine, directory,
-                                              load_optimizer=not cp.no_load_optim,
-                                              load_rng=not cp.no_load_rng)
-                logger.info("resuming RL from step %d (%s)", common["step"], directory)
-                return LoopState(step=common["step"], data_position=common["data_position"],
-                                 policy_version=common["policy_version"])
-            if directory == cp.load:
-                # The cold start's Adam moments come along (unless --no-load-optim): a
-                # fresh Adam's first steps move every weight by about the learning rate,
-                # which knocks a small converged model off its optimum before RL helps.
-                ckpt.load_checkpoint(self.engine, directory, load_optimizer=not cp.no_load_optim,
-                                     load_rng=False, load_scheduler=False)
-                logger.info("starting RL from %s (stage %s)%s", directory, common.get("stage"),
-                            "" if cp.no_load_optim else " with its optimiser state")
-                return LoopState()
+        source = ckpt.find_load_source(cp, "rl")
+        if source is None:
+            return LoopState()
+        if source.resume:
+            common = ckpt.load_checkpoint(self.engine, source.directory, step=source.step,
+                                          load_optimizer=not cp.no_load_optim,
+                                          load_rng=not cp.no_load_rng)
+            logger.info("resuming RL from step %d (%s)", common["step"], source.directory)
+            return LoopState(step=common["step"], data_position=common["data_position"],
+                             policy_version=common["policy_version"])
+        # The cold start's Adam moments come along (unless --no-load-optim): a fresh Adam's
+        # first steps move every weight by about the learning rate, which knocks a small
+        # converged model off its optimum before RL helps.
+        ckpt.load_checkpoint(self.engine, source.directory, step=source.step,
+                             load_optimizer=not cp.no_load_optim, load_rng=False,
+                             load_scheduler=False)
+        logger.info("starting RL from %s (stage %s)%s", source.directory,
+                    source.common.get("stage"),
+                    "" if cp.no_load_optim else " with its optimiser state")
         return LoopState()
 
     def close(self, clean: bool = True) -> None:
         self.progress.close()
         self.writer.close()
         self.service.close(clean)
-
-
-def _peek_common(directory: str) -> dict[str, Any]:
-    import os
-
-    step = ckpt.latest_step(directory)
-    path = os.path.join(directory, f"iter_{step:07d}", "common_state.pt")
-    return torch.load(path, weights_only=False)
 
 
 def _make_replay(engine: MegatronEngine, run: RunConfig):

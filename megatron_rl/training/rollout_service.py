@@ -1,7 +1,9 @@
 """The trainer's side of the rollout servers: start, generate, check, sync, stop.
 
 Without ``--rl-rollout-url`` global rank 0 starts the embedded SGLang-compatible
-server(s) on the policy's exported weights. Each data group's leader holds a client.
+server(s) on the policy's exported weights. Each data group's leader holds a client:
+``/generate`` goes to ``--rl-rollout-url`` (servers or one sglang-router), weight updates
+to ``--rl-rollout-worker-urls`` (default: the same servers).
 After every step the policy is exported in Hugging Face format (collective: sharded
 weights are gathered) and rank 0 asks every server to load it with the step as the
 new ``weight_version``; every rollout sample must then carry that version.
@@ -80,8 +82,9 @@ class RolloutService:
                 self.config, self.run.model, urls=urls,
                 return_routed_experts=self.return_routed_experts,
             )
-            self.client.check_servers(self.run.model,
-                                      require_routed_experts=self.return_routed_experts)
+            # Waits for external servers (and a router) to come up, finds a router's
+            # workers, checks every server against the model.
+            self.client.connect(require_routed_experts=self.return_routed_experts)
         if self.rank0:
             self.weights.client = self.client
         if self.config.urls:

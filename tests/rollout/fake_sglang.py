@@ -88,18 +88,46 @@ def answer(body: dict, shape: ModelShape, **kwargs) -> dict | list[dict]:
 Handler = Callable[[httpx.Request], httpx.Response]
 
 
+def sample_id(rid: str) -> str:
+    """The sample a wire rid belongs to (a retry adds ``#retry<n>``)."""
+    return rid.split("#", 1)[0]
+
+
+def rids_of(body: dict) -> list[str]:
+    rid = body.get("rid")
+    return [] if rid is None else list(rid) if isinstance(rid, list) else [rid]
+
+
+DEPRECATED = {"/get_model_info": "/model_info", "/get_server_info": "/server_info"}
+
+
 def fake_sglang(
     shape: ModelShape, *, model_path: str = "/nonexistent", generate: Handler | None = None, **info
 ) -> Handler:
-    """A handler answering SGLang's endpoints; ``generate`` overrides ``/generate``."""
+    """A handler answering SGLang 0.5.23's endpoints; ``generate`` overrides ``/generate``.
+
+    Like SGLang, a rid still in flight is refused with 400 "Duplicate request ID detected";
+    a ``generate`` that raises (e.g. httpx.ReadTimeout, the client giving up) leaves its
+    rids registered, as SGLang keeps generating them until aborted (``/abort_request``).
+    The deprecated ``/get_model_info`` and ``/get_server_info`` answer with a ``Warning``
+    header and are counted in ``handle.deprecated_calls``; ``handle.in_flight`` holds the
+    registered rids."""
 
     def handle(request: httpx.Request) -> httpx.Response:
         path = request.url.path
+        headers = {}
+        if path in DEPRECATED:
+            handle.deprecated_calls.append(path)
+            headers["Warning"] = (
+                f'299 - "Endpoint {path!r} is deprecated; use {DEPRECATED[path]!r}"'
+            )
+            path = DEPRECATED[path]
         if path == "/health":
             return httpx.Response(200)
-        if path == "/get_model_info":
+        if path == "/model_info":
             return httpx.Response(
                 200,
+                headers=headers,
                 json={
                     "model_path": model_path,
                     "tokenizer_path": model_path,
@@ -107,14 +135,32 @@ def fake_sglang(
                     "weight_version": "default",
                 },
             )
-        if path == "/get_server_info":
-            return httpx.Response(200, json={"enable_return_routed_experts": True, **info})
+        if path == "/server_info":
+            return httpx.Response(
+                200, headers=headers, json={"enable_return_routed_experts": True, **info}
+            )
         if path == "/generate":
+            body = json.loads(request.content)
+            rids = rids_of(body)
+            for rid in rids:
+                if rid in handle.in_flight:
+                    return httpx.Response(
+                        400, json={"error": {"message": f"Duplicate request ID detected: {rid}"}}
+                    )
+            handle.in_flight.update(rids)
             if generate is not None:
-                return generate(request)
-            return httpx.Response(200, json=answer(json.loads(request.content), shape))
+                response = generate(request)
+            else:
+                response = httpx.Response(200, json=answer(body, shape))
+            handle.in_flight.difference_update(rids)
+            return response
+        if path == "/abort_request":
+            handle.in_flight.discard(json.loads(request.content).get("rid"))
+            return httpx.Response(200)
         if path in ("/flush_cache", "/update_weights_from_disk"):
             return httpx.Response(200, json={"success": True, "message": "ok"})
         return httpx.Response(404, json={"error": {"message": "not found"}})
 
+    handle.in_flight = set()
+    handle.deprecated_calls = []
     return handle

@@ -11,7 +11,7 @@ from collections import Counter
 import httpx
 import pytest
 import torch
-from fake_sglang import answer, fake_sglang, sglang_response, split_batch
+from fake_sglang import answer, fake_sglang, sample_id, sglang_response, split_batch
 
 from megatron_rl.model.config import preset
 from megatron_rl.rollout.client import RolloutClient, RolloutRequest, sample_seed
@@ -98,10 +98,11 @@ def test_5xx_and_abort_are_retried():
 
     def flaky(request):
         body = json.loads(request.content)
-        answers[body["rid"]] += 1
-        if answers[body["rid"]] == 1:
+        rid = sample_id(body["rid"])
+        answers[rid] += 1
+        if answers[rid] == 1:
             return httpx.Response(503, json={"error": {"message": "overloaded"}})
-        if answers[body["rid"]] == 2:
+        if answers[rid] == 2:
             payload = sglang_response(body, SHAPE)[0]
             payload["meta_info"]["finish_reason"] = {"type": "abort", "message": "retracted"}
             return httpx.Response(200, json=payload)
@@ -294,7 +295,7 @@ class RestartingServer:
             self.crashed = True
             raise httpx.ConnectError("connection refused", request=request)
         path = request.url.path
-        if path == "/get_model_info":
+        if path in ("/model_info", "/get_model_info"):
             return httpx.Response(200, json={"model_path": "/ckpt", "weight_version": self.version})
         if path == "/update_weights_from_disk":
             body = json.loads(request.content)
@@ -397,7 +398,7 @@ def test_group_is_retried_whole_and_each_sample_kept_once():
 
     def flaky(request):
         body = json.loads(request.content)
-        calls[body["rid"][0]] += 1
+        calls[sample_id(body["rid"][0])] += 1
         payload = answer(body, SHAPE)
         if body["rid"][0] == "g/p0/s0" and calls["g/p0/s0"] == 1:
             payload[2]["meta_info"]["finish_reason"] = {"type": "abort", "message": "retracted"}
@@ -449,3 +450,193 @@ def test_concurrency_counts_samples_not_requests():
     peak = 0
     assert len(c.generate_batch(requests(8, group=4), "d")) == 8
     assert peak == 4
+
+
+def test_retry_after_a_timeout_gets_a_fresh_rid_and_keeps_the_seed():
+    seen = []
+
+    def generate(request):
+        body = json.loads(request.content)
+        seen.append((body["rid"], body["sampling_params"]["sampling_seed"]))
+        if len(seen) == 1:  # the client gives up; SGLang keeps the rid registered
+            raise httpx.ReadTimeout("timed out", request=request)
+        return httpx.Response(200, json=sglang_response(body, SHAPE)[0])
+
+    server = fake_sglang(SHAPE, generate=generate)
+    samples = client([A], routed({A: server})).generate_batch(requests(1), "t")
+    seed = sample_seed(1234, "t/p0/s0")
+    assert seen == [("t/p0/s0", seed), ("t/p0/s0#retry1", seed)]
+    assert samples[0].request_id == "t/p0/s0" and server.in_flight == {"t/p0/s0"}
+    # What the old client did -- the same rid again -- is what SGLang refuses.
+    again = httpx.Request("POST", f"{A}/generate", json={"rid": "t/p0/s0", "input_ids": [1]})
+    refused = server(again)
+    assert refused.status_code == 400 and "Duplicate request ID" in refused.text
+
+
+def test_timeout_is_sized_for_long_responses():
+    from megatron_rl.rollout.config import RolloutConfig
+
+    assert RolloutConfig(timeout_s=600, max_new_tokens=256).generate_timeout_s == 600
+    assert RolloutConfig(timeout_s=600, max_new_tokens=32768).generate_timeout_s == pytest.approx(
+        0.05 * 32768)
+    made = RolloutClient.from_config(RolloutConfig(urls=(A,), max_new_tokens=32768), TINY)
+    assert made.timeout_s == pytest.approx(1638.4)
+
+
+R = "http://10.0.0.9:30000"
+
+
+def fake_router(workers: dict[str, object]):
+    """sglang-router 0.3.2 as probed: /workers lists the workers; /generate (one sequence,
+    without return_routed_experts), /health, /get_model_info, /get_server_info and
+    /flush_cache are forwarded or answered; weight updates and /model_info are 404."""
+    turn = Counter()
+
+    def handle(request):
+        path = request.url.path
+        urls = list(workers)
+        if path == "/workers":
+            return httpx.Response(200, json={"workers": [
+                {"url": u, "is_healthy": True, "model_id": "m"} for u in urls]})
+        if path == "/get_server_info":
+            return httpx.Response(200, json={"router_manager": True, "workers_count": len(urls)})
+        if path in ("/health", "/get_model_info", "/generate"):
+            if path == "/generate":
+                body = json.loads(request.content)
+                if isinstance(body.get("rid"), list):
+                    return httpx.Response(422, text="rid: invalid type: sequence")
+                body.pop("return_routed_experts", None)
+                request = httpx.Request("POST", request.url, json=body)
+            turn["n"] += 1
+            return workers[urls[turn["n"] % len(urls)]](request)
+        return httpx.Response(404)
+
+    return handle
+
+
+def test_router_without_workers_is_refused_naming_the_workers_it_lists(tmp_path):
+    path = str(save_random_checkpoint(TINY, tmp_path / "ckpt"))
+    fakes = {A: fake_sglang(SHAPE, model_path=path), B: fake_sglang(SHAPE, model_path=path)}
+    handlers = {R: fake_router(fakes), **fakes}
+    with pytest.raises(RolloutServerError,
+                       match=rf"{R} is an sglang-router.*add --rl-rollout-worker-urls.*"
+                             rf"routes to {A} {B}"):
+        client([R], routed(handlers)).connect(require_routed_experts=False)
+    # r3 through the router: the router drops return_routed_experts, and the error says so.
+    with pytest.raises(RolloutServerError, match="sglang-router, which drops the request's "
+                                                 "return_routed_experts"):
+        client([R], routed(handlers), worker_urls=[A, B]).connect(require_routed_experts=True)
+
+
+def test_router_gets_generate_and_workers_get_control_calls(tmp_path):
+    path = str(save_random_checkpoint(TINY, tmp_path / "ckpt"))
+    calls = Counter()
+
+    def worker(url):
+        fake = fake_sglang(SHAPE, model_path=path)
+
+        def handle(request):
+            calls[(url, request.url.path)] += 1
+            return fake(request)
+
+        handle.fake = fake
+        return handle
+
+    workers = {A: worker(A), B: worker(B)}
+    c = RolloutClient([R], model_config=TINY, sampling=SamplingParams(max_new_tokens=3),
+                      worker_urls=[A, B], transport=routed({R: fake_router(workers), **workers}))
+    info = c.connect()
+    assert c.routers == [R] and sorted(info) == [A, B, R]
+    samples = c.generate_batch(requests(8), "r")  # grouped by default; one per sample here
+    assert len({s.request_id for s in samples}) == 8
+    assert calls[(A, "/generate")] + calls[(B, "/generate")] == 8
+    c.update_weights_from_disk("/ckpt/v1", "1")
+    c.flush_cache()
+    for url in (A, B):
+        assert calls[(url, "/update_weights_from_disk")] == calls[(url, "/flush_cache")] == 1
+    # The workers are asked by the current names; only the router, which knows the old
+    # name alone, passes one /get_model_info on to a worker.
+    assert workers[A].fake.deprecated_calls + workers[B].fake.deprecated_calls == [
+        "/get_model_info"]
+
+
+def test_worker_that_a_control_call_cannot_reach_is_declared_down_per_policy(caplog):
+    def dies(request):
+        if request.url.path == "/update_weights_from_disk" or request.url.path == "/health":
+            raise httpx.ConnectError("connection refused", request=request)
+        return fake_sglang(SHAPE)(request)
+
+    handlers = {R: fake_router({A: fake_sglang(SHAPE)}), A: fake_sglang(SHAPE), B: dies}
+    c = client([R], routed(handlers), worker_urls=[A, B])
+    with caplog.at_level(logging.ERROR):
+        c.update_weights_from_disk("/ckpt/v2", "2")
+    assert list(c.down_servers) == [B] and c.weight_version == "2"
+    assert any(B in r.getMessage() and "down" in r.getMessage() for r in caplog.records)
+    c.update_weights_from_disk("/ckpt/v3", "3")  # skips B at once
+    strict = client([R], routed(handlers), worker_urls=[A, B], on_server_failure="fail")
+    with pytest.raises(RolloutServerError, match=rf"failed on: {B} \(ConnectError.*succeeded on: "
+                                                 rf"\['{A}'\]"):
+        strict.update_weights_from_disk("/ckpt/v2", "2")
+
+
+def test_servers_are_awaited_until_ready_and_those_never_ready_are_named():
+    health_calls = Counter()
+
+    def late(request):
+        if request.url.path == "/health":
+            health_calls["late"] += 1
+            if health_calls["late"] < 3:
+                raise httpx.ConnectError("connection refused", request=request)
+        return fake_sglang(SHAPE, model_path="/x")(request)
+
+    def never(request):
+        raise httpx.ConnectError("connection refused", request=request)
+
+    model_shape = {"model_shape": SHAPE.to_dict()}
+
+    def with_shape(handler):
+        def handle(request):
+            if request.url.path == "/model_info":
+                return httpx.Response(200, json={"is_generation": True, **model_shape})
+            return handler(request)
+        return handle
+
+    c = client([A], routed({A: with_shape(late)}), startup_timeout_s=10)
+    c.connect(require_routed_experts=False)
+    assert health_calls["late"] == 3
+    c = client([A, B], routed({A: with_shape(fake_sglang(SHAPE)), B: never}), startup_timeout_s=1)
+    with pytest.raises(RolloutServerError, match=rf"not ready after 1 s.*{B} \(ConnectError") as err:
+        c.connect(require_routed_experts=False)
+    assert A not in str(err.value)
+
+
+def test_older_servers_answer_the_deprecated_info_endpoints(tmp_path):
+    path = str(save_random_checkpoint(TINY, tmp_path / "ckpt"))
+    fake = fake_sglang(SHAPE, model_path=path)
+
+    def old(request):
+        if request.url.path in ("/model_info", "/server_info"):
+            return httpx.Response(404)
+        return fake(request)
+
+    info = client([A], routed({A: old})).connect(require_routed_experts=True)
+    assert info[A]["model_path"] == path
+    assert fake.deprecated_calls == ["/get_model_info", "/get_server_info"]
+
+
+def test_logprob_temperature_is_checked_where_the_server_tells(tmp_path, caplog):
+    path = str(save_random_checkpoint(TINY, tmp_path / "ckpt"))
+
+    def at(temperature, **info):
+        return RolloutClient([A], model_config=TINY, sampling=SamplingParams(temperature=temperature),
+                             transport=routed({A: fake_sglang(SHAPE, model_path=path, **info)}))
+
+    with pytest.raises(RolloutServerError, match=r"temperature 1 \(return_original_logprob\).*"
+                                                 r"--rl-temperature 0.7"):
+        at(0.7, return_original_logprob=True).connect()
+    at(1.0, return_original_logprob=True).connect()  # the same distribution
+    at(0.7, return_original_logprob=False).connect()
+    with caplog.at_level(logging.WARNING):
+        at(0.7).connect()  # SGLang: /server_info cannot tell
+    assert any("SGLANG_RETURN_ORIGINAL_LOGPROB" in r.getMessage() and A in r.getMessage()
+               for r in caplog.records)
