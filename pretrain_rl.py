@@ -18,11 +18,15 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_rl.arguments import parse_args
     from megatron_rl.config.flags import ConfigError
     from megatron_rl.logging_setup import setup_logging
+    from megatron_rl.training.checkpoint import CheckpointError, find_load_source
 
     setup_logging()
     try:
         run = parse_args(argv)
-    except ConfigError as exc:
+        # Before any process group or model: a checkpoint that is missing, damaged or
+        # holds more than data is refused in seconds, naming the file.
+        find_load_source(run.checkpoint, run.stage)
+    except (ConfigError, CheckpointError) as exc:
         print(f"pretrain_rl.py: error: {exc}", file=sys.stderr)
         return 2
     if run.stage == "sft":

@@ -149,9 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     from megatron.core.dist_checkpointing.core import CheckpointingException
     from torch.distributed.checkpoint.api import CheckpointException
 
+    from megatron_rl.training.checkpoint import CheckpointError
+
     try:
         message = run(ns)
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
+    except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as exc:
         print(f"convert_checkpoint.py {ns.command}: error: {exc}", file=sys.stderr)
         return 2
     except (CheckpointingException, CheckpointException) as exc:

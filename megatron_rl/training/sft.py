@@ -36,12 +36,14 @@ def run_sft(run: RunConfig) -> dict[str, Any]:
     engine = MegatronEngine(run.model, run.parallel, run.training)
     step, position = 0, 0
     cp = run.checkpoint
-    if cp.load and ckpt.latest_step(cp.load) is not None:
+    source = ckpt.find_load_source(cp, "sft")
+    if source is not None:
         common = ckpt.load_checkpoint(
-            engine, cp.load, load_optimizer=not (cp.no_load_optim or cp.finetune),
+            engine, source.directory, step=source.step,
+            load_optimizer=not (cp.no_load_optim or cp.finetune),
             load_rng=not (cp.no_load_rng or cp.finetune),
         )
-        if not cp.finetune:
+        if source.resume:
             step, position = common["step"], common.get("data_position", 0)
     writer = MetricsWriter(
         cp.save, tensorboard_dir=run.logging.tensorboard_dir,
