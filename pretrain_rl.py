@@ -15,20 +15,23 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megatron_rl.arguments import parse_args
+    from megatron_rl.arguments import parse_launch
     from megatron_rl.config.flags import ConfigError
     from megatron_rl.logging_setup import setup_logging
-    from megatron_rl.training.checkpoint import CheckpointError, find_load_source
 
     setup_logging()
     try:
-        run = parse_args(argv)
-        # Before any process group or model: a checkpoint that is missing, damaged or
-        # holds more than data is refused in seconds, naming the file.
-        find_load_source(run.checkpoint, run.stage)
-    except (ConfigError, CheckpointError) as exc:
+        launch = parse_launch(argv)
+        run = launch.run
+        run.check_initial_weights(bool(run.checkpoint.load or run.checkpoint.save))
+    except ConfigError as exc:
         print(f"pretrain_rl.py: error: {exc}", file=sys.stderr)
         return 2
+    if launch.dry_run:
+        from megatron_rl.plan import build_plan, render
+
+        print(render(build_plan(run, launch.world_size_source)))
+        return 0
     if run.stage == "sft":
         from megatron_rl.training.sft import run_sft
 

@@ -18,7 +18,7 @@ from typing import Literal
 
 from megatron_rl.config.flags import ConfigError, add_config_flags, config_from_flags
 from megatron_rl.data.tasks import TaskConfig
-from megatron_rl.distributed import ParallelConfig, world_size_from_env
+from megatron_rl.distributed import ParallelConfig, planned_world_size, world_size_from_env
 from megatron_rl.loss import ObjectiveConfig
 from megatron_rl.model.config import ModelConfig, preset
 from megatron_rl.replay.config import ReplayConfig
@@ -62,6 +62,18 @@ class RunConfig:
         for _, component in self.components():
             component.validate(self)
 
+    def check_initial_weights(self, has_checkpoint: bool) -> None:
+        """RL on external servers from random weights would push those weights over the
+        model the servers serve at the first sync: only with --rl-allow-random-init."""
+        if (self.stage == "rl" and self.rollout.urls and not has_checkpoint
+                and not self.checkpoint.allow_random_init):
+            raise ConfigError(
+                "RL with --rl-rollout-url but no checkpoint to start from (no --load, nothing "
+                "to resume in --save): the first weight sync would overwrite the servers' "
+                "model with random weights; pass --load <checkpoint>, or "
+                "--rl-allow-random-init to train from random weights anyway"
+            )
+
     def replace(self, **changes) -> RunConfig:
         return dataclasses.replace(self, **changes)
 
@@ -92,25 +104,61 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-preset", default="tiny",
                         help="shape preset the --num-layers etc. flags override "
                              "(tiny, qwen3-30b-a3b)")
+    launch = parser.add_argument_group("launch")
+    launch.add_argument("--dry-run", action="store_true",
+                        help="check the whole configuration as the real run would and print "
+                             "its plan (groups, parameters, memory, tokens per step), then "
+                             "exit: no GPU, no process group, no server contacted")
+    launch.add_argument("--world-size", type=int, default=None,
+                        help="processes of the launch; a dry run takes it from here, else "
+                             "from WORLD_SIZE, SLURM_NNODES x --nproc-per-node or "
+                             "SLURM_NTASKS; a real run checks it against WORLD_SIZE")
+    launch.add_argument("--nproc-per-node", type=int, default=None,
+                        help="processes per node, as given to torchrun (with SLURM_NNODES "
+                             "it makes a dry run's world size)")
     for name, cls, title in COMPONENTS:
         add_config_flags(parser, cls, title, scope=name)
     return parser
 
 
+@dataclass(frozen=True)
+class Launch:
+    """A parsed command line: the run, and how this launch treats it."""
+
+    run: RunConfig
+    dry_run: bool = False
+    world_size_source: str = "WORLD_SIZE"
+    """Where ``run.world_size`` came from (printed by the dry run)."""
+
+
 def parse_args(argv: Sequence[str] | None = None, world_size: int | None = None) -> RunConfig:
     """Parse and validate; raises ConfigError with a clear message on bad input."""
+    return parse_launch(argv, world_size).run
+
+
+def parse_launch(argv: Sequence[str] | None = None, world_size: int | None = None) -> Launch:
+    """Parse and validate the command line; ``world_size`` (tests) overrides the
+    launcher's."""
     ns = build_parser().parse_args(argv)
+    if world_size is not None:
+        source = "given"
+    elif ns.dry_run:
+        world_size, source = planned_world_size(ns.world_size, ns.nproc_per_node)
+    else:
+        world_size, source = world_size_from_env(), "WORLD_SIZE"
+        if ns.world_size is not None and ns.world_size != world_size:
+            raise ConfigError(
+                f"--world-size {ns.world_size} but the launcher started {world_size} "
+                f"process(es) (WORLD_SIZE)"
+            )
     parts = {}
     for name, cls, _ in COMPONENTS:
         base = preset(ns.model_preset) if cls is ModelConfig else None
         parts[name] = config_from_flags(cls, ns, base, scope=name)
-    run = RunConfig(
-        stage=ns.stage,
-        world_size=world_size if world_size is not None else world_size_from_env(),
-        **parts,
-    )
+    run = RunConfig(stage=ns.stage, world_size=world_size, **parts)
     run.validate()
-    return run
+    return Launch(run=run, dry_run=ns.dry_run, world_size_source=source)
 
 
-__all__ = ["RunConfig", "ConfigError", "COMPONENTS", "parse_args", "build_parser"]
+__all__ = ["RunConfig", "ConfigError", "COMPONENTS", "Launch", "parse_args", "parse_launch",
+           "build_parser"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -57,6 +58,22 @@ class ParallelConfig:
 
     def validate(self, run: RunView) -> None:
         self.check_layout(run.world_size, run.model.num_layers, run.model.num_experts)
+        self.check_model_split(run.model)
+
+    def check_model_split(self, model) -> None:
+        """Refuse a model whose heads, FFN or vocabulary do not split evenly over the tensor
+        parallel ranks (megatron-core asserts it while building the model)."""
+        tp = self.tensor_model_parallel_size
+        etp = self.expert_tensor_parallel_size or tp
+        for size, flag, parts, by in (
+            (model.num_attention_heads, "--num-attention-heads", tp, "--tensor-model-parallel-size"),
+            (model.num_query_groups, "--num-query-groups", tp, "--tensor-model-parallel-size"),
+            (model.ffn_hidden_size, "--ffn-hidden-size", tp, "--tensor-model-parallel-size"),
+            (model.vocab_size, "--vocab-size", tp, "--tensor-model-parallel-size"),
+            (model.moe_ffn_hidden_size, "--moe-ffn-hidden-size", etp, "--expert-tensor-parallel-size"),
+        ):
+            if size % parts:
+                raise ConfigError(f"{flag} {size} is not divisible by {by} {parts}")
 
     def check_layout(self, world_size: int, num_layers: int, num_experts: int) -> None:
         """Refuse a layout that does not tile ``world_size`` ranks or the model's layers
@@ -125,6 +142,43 @@ class ParallelConfig:
 
 def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def planned_world_size(
+    given: int | None, nproc_per_node: int | None, environ: Mapping[str, str] | None = None
+) -> tuple[int, str]:
+    """World size of a launch checked before it starts (``--dry-run``), and where it came
+    from: ``--world-size``, else the launcher's environment as torchrun or SLURM sets it
+    (WORLD_SIZE; SLURM_NNODES x --nproc-per-node for torchrun on each node; SLURM_NTASKS for
+    one task per rank), else 1."""
+    env = os.environ if environ is None else environ
+
+    def number(name: str) -> int:
+        text = env[name]
+        try:
+            value = int(text)
+        except ValueError:
+            raise ConfigError(f"{name}={text!r} in the environment is not an integer") from None
+        if value < 1:
+            raise ConfigError(f"{name}={value} in the environment must be >= 1")
+        return value
+
+    if given is not None:
+        if given < 1:
+            raise ConfigError(f"--world-size must be >= 1, got {given}")
+        return given, "--world-size"
+    if nproc_per_node is not None and nproc_per_node < 1:
+        raise ConfigError(f"--nproc-per-node must be >= 1, got {nproc_per_node}")
+    if "WORLD_SIZE" in env:
+        return number("WORLD_SIZE"), "WORLD_SIZE"
+    if nproc_per_node is not None and "SLURM_NNODES" in env:
+        nodes = number("SLURM_NNODES")
+        return nodes * nproc_per_node, f"SLURM_NNODES {nodes} x --nproc-per-node {nproc_per_node}"
+    if "SLURM_NTASKS" in env:
+        return number("SLURM_NTASKS"), "SLURM_NTASKS"
+    if nproc_per_node is not None:
+        return nproc_per_node, "--nproc-per-node (one node)"
+    return 1, "default: no --world-size, WORLD_SIZE or SLURM_NTASKS"
 
 
 def init_distributed(parallel: ParallelConfig, num_layers: int, seed: int) -> None:

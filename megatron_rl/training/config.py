@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from megatron_rl.config.flags import ConfigError
@@ -79,6 +79,10 @@ class CheckpointConfig:
     """Load weights only and start counting steps from 0."""
     keep_last: int = 2
     """Complete checkpoints to keep (older ones are deleted)."""
+    allow_random_init: bool = field(default=False, metadata={"flag": "--rl-allow-random-init"})
+    """RL with --rl-rollout-url servers and no checkpoint to start from: train from random
+    weights anyway. Refused without this flag, because the first weight sync overwrites
+    the checkpoint the servers serve with random weights."""
 
     def validate(self, run: RunView) -> None:
         if self.save_interval < 0:

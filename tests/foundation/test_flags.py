@@ -54,6 +54,8 @@ def test_preset_then_overrides():
         (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage",
           "3"], 2, "not divisible by --num-layers-per-virtual-pipeline-stage"),
         (["--rl-task-config", "{bad"], 1, "--rl-task-config is not valid JSON"),
+        (["--tensor-model-parallel-size", "2", "--sequence-parallel", "--vocab-size", "127"], 2,
+         "--vocab-size 127 is not divisible by --tensor-model-parallel-size 2"),
     ],
 )
 def test_bad_flags_are_refused_with_one_clear_message(argv, world, message):
