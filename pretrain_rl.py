@@ -18,13 +18,17 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_rl.arguments import parse_launch
     from megatron_rl.config.flags import ConfigError
     from megatron_rl.logging_setup import setup_logging
+    from megatron_rl.training.checkpoint import CheckpointError, find_load_source
 
     setup_logging()
     try:
         launch = parse_launch(argv)
         run = launch.run
-        run.check_initial_weights(bool(run.checkpoint.load or run.checkpoint.save))
-    except ConfigError as exc:
+        # Before any process group or model: a checkpoint that is missing, damaged or
+        # holds more than data is refused in seconds, naming the file.
+        source = find_load_source(run.checkpoint, run.stage)
+        run.check_initial_weights(source is not None)
+    except (ConfigError, CheckpointError) as exc:
         print(f"pretrain_rl.py: error: {exc}", file=sys.stderr)
         return 2
     if launch.dry_run:
