@@ -24,6 +24,18 @@ tokens only, attention is eager and each token's expert computation is independe
 other rows (tests compare batched with single generation: bit-identical in bf16). Sampling follows SGLang (see
 ``inference.sampling``), with one generator per request.
 
+Limits (SGLang's server arguments of the same names): at most ``max_running_requests``
+sequences run together, a batch holds at most ``max_total_tokens`` tokens (prompt plus
+``max_new_tokens`` of each row: what its KV cache can grow to) and prefills at most
+``max_prefill_tokens`` distinct prompt tokens; at most ``max_queued_requests`` sequences
+wait, further submissions are refused with :class:`QueueFull`. A sequence whose future is
+aborted (the client went away) leaves its batch at the next step; :meth:`close` ends the
+running batch at its next step.
+
+A batch that fails inside the model or the sampler is run again one request at a time
+(each row computes the same values alone, see above), so only the request that fails gets
+the error.
+
 Weight updates are queued like requests: the batch running (and requests queued before the
 update) finish on the old weights, later ones use the new weights; each result carries the
 ``weight_version`` that produced it. Checkpoints are loaded and checked off the worker
@@ -34,6 +46,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import os
 import random
 import threading
@@ -54,6 +67,30 @@ from megatron_rl.inference.sampling import effective_params, sample_next, token_
 from megatron_rl.weight_sync.hf_config import ModelShape
 
 logger = logging.getLogger(__name__)
+
+MAX_TOP_K = 2**31 - 1
+"""Largest top_k taken (SGLang keeps top_k as int32); anything above the vocabulary is off."""
+SEED_RANGE = (-(2**63), 2**64)
+"""Sampling seeds taken: int64 or uint64 (the generator takes the seed mod 2**64)."""
+
+
+class EngineStopped(RuntimeError):
+    """The engine was closed (or is shutting down): the request was not served."""
+
+
+class QueueFull(RuntimeError):
+    """The engine holds ``max_queued_requests`` waiting sequences; try again later (503)."""
+
+
+class RequestFuture(Future):
+    """A request's future; :meth:`abort` stops the request wherever it is."""
+
+    aborted = False
+
+    def abort(self) -> None:
+        """Drop the request: cancelled while queued, or out of its batch at the next step."""
+        self.aborted = True
+        self.cancel()
 
 
 @dataclass(kw_only=True)
@@ -97,15 +134,29 @@ class _Row:
     """A request's progress inside a running batch."""
 
     request: GenerationRequest
-    future: Future
-    generator: torch.Generator
+    future: RequestFuture
+    seed: int
     temperature: float
     top_k: int
     submitted: float
+    generator: torch.Generator = field(init=False)
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     routes: list[torch.Tensor] = field(default_factory=list)  # [tokens, moe_layers, k] pieces
     finish_reason: dict | None = None
+
+    def __post_init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Back to the state before generation (to run the row again alone)."""
+        self.generator = torch.Generator().manual_seed(self.seed % 2**64)  # any int, as SGLang
+        self.output_ids, self.logprobs, self.routes, self.finish_reason = [], [], [], None
+
+    @property
+    def tokens(self) -> int:
+        """What the row's KV cache can grow to: prompt plus every token it may generate."""
+        return len(self.request.input_ids) + self.request.max_new_tokens
 
 
 @dataclass
@@ -128,10 +179,22 @@ class GenerationEngine:
         batch_wait_s: float = 0.005,
         batch_max_wait_s: float = 0.1,
         context_length: int | None = None,
+        max_total_tokens: int | None = None,
+        max_prefill_tokens: int = 16384,
+        max_queued_requests: int = 4096,
         weight_version: str = "default",
         original_logprobs: bool = False,
         seed: int | None = None,
+        load_tokenizer_files: bool = True,
     ):
+        """``max_batch_size`` is SGLang's ``--max-running-requests``; ``max_total_tokens``
+        defaults to ``max_batch_size`` full contexts; ``load_tokenizer_files=False`` is
+        ``--skip-tokenizer-init`` (input_ids only)."""
+        limits = {"max_batch_size": max_batch_size, "max_prefill_tokens": max_prefill_tokens,
+                  "max_queued_requests": max_queued_requests}  # fmt: skip
+        for name, value in limits.items():
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
         self.dtype = DTYPES[dtype]
@@ -141,6 +204,10 @@ class GenerationEngine:
         self.shape = ModelShape.from_hf_config(self.config)
         self.context_length = context_length or self.config.max_position_embeddings
         self.max_batch_size = max_batch_size
+        self.max_total_tokens = max_total_tokens or max_batch_size * self.context_length
+        # SGLang: the prefill bound is at least the context length (a full prompt fits).
+        self.max_prefill_tokens = max(max_prefill_tokens, self.context_length)
+        self.max_queued_requests = max_queued_requests
         self.batch_wait_s = batch_wait_s
         self.batch_max_wait_s = max(batch_max_wait_s, batch_wait_s)
         self.weight_version = weight_version
@@ -149,10 +216,11 @@ class GenerationEngine:
         self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
         self.pad_token_id = self.config.pad_token_id or 0
         self.tokenizer_path = self.model_path
-        self.tokenizer = load_tokenizer(self.model_path)
+        self.tokenizer = load_tokenizer(self.model_path) if load_tokenizer_files else None
         self._capture = RouteCapture(self.model)
         self._seeds = random.Random(seed)
         self._queue: collections.deque = collections.deque()
+        self._queued_rows = 0
         self._cond = threading.Condition()
         self._update_lock = threading.Lock()
         self._closed = False
@@ -179,12 +247,26 @@ class GenerationEngine:
                 f"{where}: prompt of {n} tokens + max_new_tokens {request.max_new_tokens} exceeds "
                 f"the context length {self.context_length}"
             )
-        if request.temperature < 0:
-            raise ValueError(f"{where}: temperature must be >= 0, got {request.temperature}")
-        if not 0 < request.top_p <= 1:
+        if n + request.max_new_tokens > self.max_total_tokens:
+            raise ValueError(
+                f"{where}: prompt of {n} tokens + max_new_tokens {request.max_new_tokens} exceeds "
+                f"max_total_tokens {self.max_total_tokens}"
+            )
+        # Every float is bounded on both sides and finite: a NaN would pass comparisons
+        # the wrong way and turn the whole batch's sampling into garbage.
+        if not (math.isfinite(request.temperature) and request.temperature >= 0):
+            raise ValueError(
+                f"{where}: temperature must be a finite number >= 0, got {request.temperature}"
+            )
+        if not (math.isfinite(request.top_p) and 0 < request.top_p <= 1):
             raise ValueError(f"{where}: top_p must be in (0, 1], got {request.top_p}")
-        if request.top_k == 0 or request.top_k < -1:
-            raise ValueError(f"{where}: top_k must be -1 (off) or >= 1, got {request.top_k}")
+        if not (request.top_k == -1 or 1 <= request.top_k <= MAX_TOP_K):
+            raise ValueError(
+                f"{where}: top_k must be -1 (off) or in [1, {MAX_TOP_K}], got {request.top_k}"
+            )
+        seed = request.sampling_seed
+        if seed is not None and not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
+            raise ValueError(f"{where}: sampling_seed {seed} is outside [-2**63, 2**64)")
         if not -1 <= request.logprob_start_len < max(n, 1):
             raise ValueError(
                 f"{where}: logprob_start_len {request.logprob_start_len} is outside [-1, {n})"
@@ -193,21 +275,46 @@ class GenerationEngine:
         if bad:
             raise ValueError(f"{where}: stop_token_ids {bad} are outside the vocabulary")
 
-    def submit(self, request: GenerationRequest) -> Future:
+    def submit(self, request: GenerationRequest) -> RequestFuture:
         """Queue a request; the future resolves to a :class:`GenerationResult`."""
-        self.validate(request)
-        seed = request.sampling_seed
-        if seed is None:
-            seed = self._seeds.getrandbits(63)
-        generator = torch.Generator().manual_seed(seed % 2**64)  # any int, as SGLang takes
-        temperature, top_k = effective_params(request.temperature, request.top_k)
-        row = _Row(request, Future(), generator, temperature, top_k, time.perf_counter())
-        self._enqueue(row)
-        return row.future
+        return self.submit_all([request])[0]
+
+    def submit_all(self, requests: list[GenerationRequest]) -> list[RequestFuture]:
+        """Queue all the requests or none: ValueError if one is invalid, :class:`QueueFull`
+        if they do not fit the queue (RuntimeError once closed)."""
+        for request in requests:
+            self.validate(request)
+        if len(requests) > self.max_queued_requests:
+            raise ValueError(
+                f"{len(requests)} sequences in one request exceed max_queued_requests "
+                f"{self.max_queued_requests}"
+            )
+        rows = []
+        for request in requests:
+            seed = request.sampling_seed
+            if seed is None:
+                seed = self._seeds.getrandbits(63)
+            temperature, top_k = effective_params(request.temperature, request.top_k)
+            top_k = -1 if top_k >= self.shape.vocab_size else top_k
+            rows.append(
+                _Row(request, RequestFuture(), seed, temperature, top_k, time.perf_counter())
+            )
+        with self._cond:
+            if self._closed:
+                raise EngineStopped("generation engine closed")
+            if self._queued_rows + len(rows) > self.max_queued_requests:
+                raise QueueFull(
+                    f"the request queue is full ({self._queued_rows} sequences waiting, "
+                    f"max_queued_requests {self.max_queued_requests}); retry later"
+                )
+            self._queue.extend(rows)
+            self._queued_rows += len(rows)
+            self._cond.notify_all()
+        return [row.future for row in rows]
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         """Submit all and wait (convenience for tests, benchmarks and scripts)."""
-        futures = [self.submit(r) for r in requests]
+        futures = self.submit_all(requests)
         return [f.result() for f in futures]
 
     def update_weights_from_disk(self, model_path: str, weight_version: str | None = None) -> str:
@@ -225,23 +332,44 @@ class GenerationEngine:
             swap.future.result()
             return self.weight_version
 
-    def close(self) -> None:
+    def update_weights_from_tensors(
+        self, tensors: dict[str, torch.Tensor], weight_version: str | None = None
+    ) -> str:
+        """Replace the named parameters (state-dict names and shapes, checked by the caller)
+        the way :meth:`update_weights_from_disk` does: between batches, all at once."""
+        with self._update_lock:
+            version = weight_version if weight_version is not None else self.weight_version
+            state = {**self.model.state_dict(), **tensors}
+            swap = _WeightSwap(state, str(version), self.model_path, Future())
+            self._enqueue(swap)
+            swap.future.result()
+            return self.weight_version
+
+    def shutdown(self) -> None:
+        """Refuse new work and end the running batch at its next step (does not wait);
+        everything unfinished fails with RuntimeError."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        self._worker.join(timeout=30)
-        while self._queue:
-            item = self._queue.popleft()
-            item.future.set_exception(RuntimeError("generation engine closed"))
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        self.shutdown()
+        self._worker.join(timeout=timeout_s)
+        with self._cond:
+            while self._queue:
+                item = self._queue.popleft()
+                if not item.future.done():
+                    item.future.set_exception(EngineStopped("generation engine closed"))
+            self._queued_rows = 0
 
     # ---- loading ----------------------------------------------------------------------
 
     # ---- worker -----------------------------------------------------------------------
 
-    def _enqueue(self, item) -> None:
+    def _enqueue(self, item: _WeightSwap) -> None:
         with self._cond:
             if self._closed:
-                raise RuntimeError("generation engine closed")
+                raise EngineStopped("generation engine closed")
             self._queue.append(item)
             self._cond.notify_all()
 
@@ -268,11 +396,22 @@ class GenerationEngine:
                 if now >= deadline:
                     break
                 self._cond.wait(deadline - now)
-            batch = []
+            batch: list[_Row] = []
+            tokens, prompts = 0, {}
             while self._queue and len(batch) < self.max_batch_size:
-                if isinstance(self._queue[0], _WeightSwap):
+                row = self._queue[0]
+                if isinstance(row, _WeightSwap):
+                    break
+                prompt = tuple(row.request.input_ids)
+                fill = 0 if prompt in prompts else len(prompt)
+                over = (tokens + row.tokens > self.max_total_tokens
+                        or sum(prompts.values()) + fill > self.max_prefill_tokens)  # fmt: skip
+                if batch and over:
                     break
                 batch.append(self._queue.popleft())
+                tokens += row.tokens
+                prompts[prompt] = len(prompt)
+            self._queued_rows -= len(batch)
             return batch
 
     def _loop(self) -> None:
@@ -284,15 +423,29 @@ class GenerationEngine:
                 self._apply_swap(work)
                 continue
             rows = [r for r in work if r.future.set_running_or_notify_cancel()]
-            if not rows:
-                continue
-            try:
-                self._run_batch(rows)
-            except Exception as exc:  # a failed batch fails its requests, not the server
-                logger.exception("generation batch of %d requests failed", len(rows))
+            if rows:
+                self._run_isolated(rows)
+
+    def _run_isolated(self, rows: list[_Row]) -> None:
+        """Run a batch; if it fails, run its rows one at a time so that only the request
+        that fails gets the error (a failed batch never takes the server down)."""
+        try:
+            self._run_batch(rows)
+            return
+        except Exception as exc:
+            if len(rows) == 1 or self._closed:
+                logger.exception("generation of %d requests failed", len(rows))
                 for row in rows:
                     if not row.future.done():
                         row.future.set_exception(exc)
+                return
+            logger.warning("a batch of %d requests failed (%r); running them one at a time",
+                           len(rows), exc)  # fmt: skip
+        for row in rows:
+            if row.future.done():
+                continue
+            row.reset()
+            self._run_isolated([row])
 
     def _apply_swap(self, swap: _WeightSwap) -> None:
         try:
@@ -360,10 +513,14 @@ class GenerationEngine:
         active = list(range(batch))
         next_position = torch.tensor(lengths)
         while True:
+            if self._closed:
+                raise EngineStopped("generation engine shutting down")
             tokens = self._sample(rows, active, logits)
             still = []
             for j, b in enumerate(active):
-                if not self._advance(rows[b], int(tokens[0][j]), float(tokens[1][j])):
+                if rows[b].future.aborted:
+                    rows[b].finish_reason = {"type": "abort", "message": "request aborted"}
+                elif not self._advance(rows[b], int(tokens[0][j]), float(tokens[1][j])):
                     still.append(j)
             if not still:
                 break

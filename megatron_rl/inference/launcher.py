@@ -3,6 +3,12 @@
 The training loop (when ``--rl-rollout-url`` is empty) and the tests start servers with
 :func:`start_server_process` or :func:`start_embedded_servers`; each returns once the
 server answers ``/health``. A handle stops only its own process.
+
+The API key reaches the server through the ``MEGATRON_RL_SERVER_API_KEY`` environment
+variable, not the command line (which every user sees in ``ps``). The server is told its
+parent's pid and dies with it (``inference.lifetime``). A log file the launcher created in
+the temporary directory is deleted when the handle stops; one given as ``log_path`` (or in
+``log_dir``) is kept.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 # The package root, so ``python -m megatron_rl.inference.server`` works from any directory.
 _PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
+API_KEY_ENV = "MEGATRON_RL_SERVER_API_KEY"
+"""Environment variable the server reads its API key from when ``--api-key`` is absent."""
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -37,8 +45,18 @@ def free_port(host: str = "127.0.0.1") -> int:
 class ServerHandle:
     """A running server subprocess: ``url``, ``stop()``, ``kill()``; a context manager."""
 
-    def __init__(self, process: subprocess.Popen, url: str, log_path: Path, args: list[str]):
+    def __init__(
+        self,
+        process: subprocess.Popen,
+        url: str,
+        log_path: Path,
+        args: list[str],
+        *,
+        owns_log: bool = False,
+    ):
         self.process, self.url, self.log_path, self.args = process, url, log_path, args
+        self.owns_log = owns_log
+        """The log is a temporary file of the launcher's: :meth:`stop` deletes it."""
 
     @property
     def pid(self) -> int:
@@ -54,7 +72,8 @@ class ServerHandle:
             return "(no log)"
 
     def stop(self, timeout_s: float = 15.0) -> None:
-        """SIGTERM (uvicorn shuts down gracefully), SIGKILL if it lingers."""
+        """SIGTERM (the server ends its batch and exits within seconds), SIGKILL if it
+        lingers; then delete the log if it is the launcher's temporary file."""
         if self.alive():
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -63,6 +82,8 @@ class ServerHandle:
                 logger.warning("server %s ignored SIGTERM; killing it", self.url)
                 self.process.kill()
                 self.process.wait()
+        if self.owns_log:
+            self.log_path.unlink(missing_ok=True)
 
     def kill(self) -> None:
         """SIGKILL: the server dies at once, as in a crash."""
@@ -109,36 +130,48 @@ def start_server_process(
     extra_args: list[str] | tuple[str, ...] = (),
     startup_timeout_s: float = 180.0,
     log_path: str | os.PathLike | None = None,
+    log_dir: str | os.PathLike | None = None,
 ) -> ServerHandle:
     """Start ``python -m megatron_rl.inference.server`` and wait until it is healthy.
 
-    ``port=0`` picks a free port. The server's output goes to ``log_path`` (a temporary
-    file by default; its tail is in the error if the start fails)."""
+    ``port=0`` picks a free port. The server's output goes to ``log_path``, else to a new
+    file in ``log_dir`` (both kept), else to a temporary file deleted by ``stop()``; its
+    tail is in the error if the start fails."""
     port = port or free_port(host)
     url = f"http://{host}:{port}"
+    dtype = {"bf16": "bfloat16", "fp32": "float32"}.get(dtype, dtype)
     args = [
-        sys.executable, "-m", "megatron_rl.inference.server", "--model", str(model_dir),
+        sys.executable, "-m", "megatron_rl.inference.server", "--model-path", str(model_dir),
         "--host", host, "--port", str(port), "--dtype", dtype,
-        "--max-batch-size", str(max_batch_size), "--threads", str(threads),
-        "--weight-version", weight_version,
+        "--max-running-requests", str(max_batch_size), "--threads", str(threads),
+        "--weight-version", weight_version, "--parent-pid", str(os.getpid()),
         "--log-level", "warning", *extra_args,
     ]  # fmt: skip
-    if api_key:
-        args += ["--api-key", api_key]
+    owns_log = log_path is None and log_dir is None
     if log_path is None:
-        fd, log_path = tempfile.mkstemp(prefix=f"rollout-server-{port}-", suffix=".log")
+        if log_dir is not None:
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+        fd, log_path = tempfile.mkstemp(
+            prefix=f"rollout-server-{port}-", suffix=".log", dir=log_dir
+        )
         os.close(fd)
     log_path = Path(log_path)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
+    env.pop(API_KEY_ENV, None)
+    if api_key:
+        env[API_KEY_ENV] = api_key
     with open(log_path, "ab") as log:
         process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
-    handle = ServerHandle(process, url, log_path, args)
+    handle = ServerHandle(process, url, log_path, args, owns_log=owns_log)
     try:
         wait_healthy(url, api_key=api_key, timeout_s=startup_timeout_s, process=process)
     except (RuntimeError, TimeoutError) as exc:
         handle.kill()
-        raise RuntimeError(f"{exc}; server log {log_path}:\n{handle.log_tail()}") from None
+        tail = handle.log_tail()
+        if owns_log:
+            log_path.unlink(missing_ok=True)
+        raise RuntimeError(f"{exc}; server log {log_path}:\n{tail}") from None
     logger.info("rollout server %s ready (pid %d, log %s)", url, process.pid, log_path)
     return handle
 
@@ -149,9 +182,11 @@ def start_embedded_servers(
     *,
     weight_version: str = "default",
     extra_args: list[str] | tuple[str, ...] = (),
+    log_dir: str | os.PathLike | None = None,
 ) -> list[ServerHandle]:
     """Start ``config.num_servers`` embedded servers for the training loop, serving
-    ``model_dir`` as ``weight_version`` (``extra_args`` go to each server's command line)."""
+    ``model_dir`` as ``weight_version`` (``extra_args`` go to each server's command line;
+    logs in ``log_dir`` are kept, temporary ones are deleted when a handle stops)."""
     handles: list[ServerHandle] = []
     try:
         for _ in range(config.num_servers):
@@ -167,6 +202,7 @@ def start_embedded_servers(
                     weight_version=weight_version,
                     extra_args=extra_args,
                     startup_timeout_s=config.startup_timeout_s,
+                    log_dir=log_dir,
                 )
             )
     except Exception:

@@ -1,7 +1,12 @@
 """Embedded SGLang-compatible rollout server (FastAPI + uvicorn, CPU).
 
-    python -m megatron_rl.inference.server --model DIR --port P [--host 127.0.0.1]
-        [--api-key K] [--dtype bf16|fp32] [--max-batch-size 32] [--threads 1]
+    python -m megatron_rl.inference.server --model-path DIR --port P [--host 127.0.0.1]
+        [--dtype bfloat16|float32] [--max-running-requests 32] [--threads 1]
+
+It takes ``sglang.launch_server``'s names for what it supports (see :func:`parse_args`), so
+one script can start either engine; flags it cannot honour (``--tp-size 2``,
+``--quantization fp8``, ...) are refused by name. The older ``--model``, ``--dtype bf16``,
+``--max-batch-size`` and ``--seed`` spellings still work.
 
 Serves a Hugging Face Qwen3-MoE checkpoint directory with the subset of SGLang's HTTP API
 the trainer uses, same request and response schema:
@@ -19,8 +24,21 @@ the trainer uses, same request and response schema:
   flush_cache}``: requests already queued finish on the old weights; a missing path or a
   checkpoint of another shape is refused with 400 and the old weights keep serving.
 
-Bad requests get a 4xx JSON error ``{"error": {"message": ...}}`` (SGLang's shape), never a
-crash. With ``--api-key`` every endpoint requires ``Authorization: Bearer <key>``.
+Errors are JSON in SGLang's shapes: a body that does not parse or validate gets SGLang's
+``ErrorResponse`` (``{"object": "error", "message", "type", "param", "code"}``, 400); every
+other error ``{"error": {"message": ...}}`` with its status (400 refused, 401 no key, 413
+body too large, 503 queue full or shutting down, 500 a generation that failed). With an API
+key (``--api-key``, or the ``MEGATRON_RL_SERVER_API_KEY`` environment variable, which keeps
+it out of ``ps``) every path requires ``Authorization: Bearer <key>``, ``/docs`` and
+``/openapi.json`` included.
+
+Limits: every numeric sampling field is bounded and finite; a request's sequences (prompts
+times ``n``) and the queue are bounded by ``--max-queued-requests``, bodies by
+``--max-request-bytes``, batches by ``--max-running-requests``, ``--max-total-tokens`` and
+``--max-prefill-tokens``. Prompts are expanded and responses encoded off the event loop, a
+request whose client disconnects is aborted, a request that fails inside the engine fails
+alone. SIGTERM stops the server within seconds even mid-generation; with ``--parent-pid``
+it also stops when that process dies (``inference.lifetime``).
 
 From Python, :func:`start_server_process` (re-exported from ``inference.launcher``) starts it
 as a subprocess and returns a handle with ``.url`` and ``.stop()`` once ``/health`` answers;
@@ -33,21 +51,45 @@ import argparse
 import asyncio
 import hmac
 import logging
+import os
 import uuid
-from typing import Any
+from http import HTTPStatus
+from typing import Annotated, Any
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from megatron_rl import __version__
-from megatron_rl.inference.engine import GenerationEngine, GenerationRequest, GenerationResult
+from megatron_rl.inference.engine import (
+    MAX_TOP_K,
+    EngineStopped,
+    GenerationEngine,
+    GenerationRequest,
+    GenerationResult,
+    QueueFull,
+    RequestFuture,
+)
 from megatron_rl.inference.hf_model import WeightUpdateError
-from megatron_rl.inference.launcher import ServerHandle, start_server_process  # noqa: F401
+from megatron_rl.inference.launcher import (  # noqa: F401
+    API_KEY_ENV,
+    ServerHandle,
+    start_server_process,
+)
+from megatron_rl.inference.lifetime import Lifetime
+from megatron_rl.inference.weight_update import SERVER_LAYOUT, add_distributed_weight_update
 from megatron_rl.rollout.protocol import encode_routed_experts
 
 logger = logging.getLogger(__name__)
+
+INT32_MAX = 2**31 - 1
+# Bounded on both sides and finite: a value the engine takes is safe to batch with others.
+Count = Annotated[int, Field(ge=0, le=INT32_MAX)]
+Real = Annotated[float, Field(allow_inf_nan=False, ge=-1e9, le=1e9)]
+DISCONNECT_POLL_S = 0.25
+"""How often a waiting /generate checks whether its client went away."""
 
 
 class SamplingParamsIn(BaseModel):
@@ -55,23 +97,23 @@ class SamplingParamsIn(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="forbid")
 
-    max_new_tokens: int = 128
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    min_p: float = 0.0
-    min_new_tokens: int = 0
+    max_new_tokens: Count = 128
+    temperature: Annotated[float, Field(allow_inf_nan=False, ge=0, le=1e9)] = 1.0
+    top_p: Annotated[float, Field(allow_inf_nan=False, gt=0, le=1)] = 1.0
+    top_k: Annotated[int, Field(ge=-1, le=MAX_TOP_K)] = -1
+    min_p: Annotated[float, Field(allow_inf_nan=False, ge=0, le=1)] = 0.0
+    min_new_tokens: Count = 0
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: Annotated[list[Count], Field(max_length=1024)] | None = None
     ignore_eos: bool = False
-    n: int = 1
-    sampling_seed: int | None = None
+    n: Annotated[int, Field(ge=1, le=INT32_MAX)] = 1
+    sampling_seed: Annotated[int, Field(ge=-(2**63), lt=2**64)] | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     no_stop_trim: bool = False
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    repetition_penalty: float = 1.0
+    frequency_penalty: Real = 0.0
+    presence_penalty: Real = 0.0
+    repetition_penalty: Real = 1.0
 
     def unsupported(self) -> list[str]:
         """Features SGLang has and this server does not implement, when asked for."""
@@ -95,8 +137,11 @@ class GenerateIn(BaseModel):
     sampling_params: SamplingParamsIn | list[SamplingParamsIn] | None = None
     rid: str | list[str] | None = None
     return_logprob: bool | list[bool] = False
-    logprob_start_len: int | list[int] = -1
-    top_logprobs_num: int | list[int] = 0
+    logprob_start_len: (
+        Annotated[int, Field(ge=-1, le=INT32_MAX)]
+        | list[Annotated[int, Field(ge=-1, le=INT32_MAX)]]
+    ) = -1
+    top_logprobs_num: Count | list[Count] = 0
     return_routed_experts: bool = False
     stream: bool = False
 
@@ -115,7 +160,16 @@ class BadRequest(ValueError):
 
 
 def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "code": status}}, status_code=status)
+    """SGLang's error body for refused and failed requests (``_create_error_response``)."""
+    return JSONResponse({"error": {"message": message}}, status_code=status)
+
+
+def _invalid(message: str) -> JSONResponse:
+    """SGLang's body for a request that does not validate (its ``ErrorResponse``)."""
+    status = HTTPStatus.BAD_REQUEST
+    body = {"object": "error", "message": message, "type": status.phrase, "param": None,
+            "code": status.value}  # fmt: skip
+    return JSONResponse(body, status_code=status.value)
 
 
 def _per_prompt(value: Any, count: int, name: str) -> list:
@@ -146,6 +200,13 @@ def _expand(body: GenerateIn, engine: GenerationEngine) -> tuple[list[Generation
         raise BadRequest("the batch holds no prompt")
     count = len(prompts)
     params = _per_prompt(body.sampling_params or SamplingParamsIn(), count, "sampling_params")
+    # Count before expanding: n = 10**6 must be refused, not materialised.
+    sequences = sum(p.n for p in params)
+    if sequences > engine.max_queued_requests:
+        raise BadRequest(
+            f"the request asks for {sequences} sequences ({count} prompts x n); the server "
+            f"takes at most {engine.max_queued_requests} (--max-queued-requests)"
+        )
     rids = _per_prompt(body.rid, count, "rid")
     return_logprob = _per_prompt(body.return_logprob, count, "return_logprob")
     start_len = _per_prompt(body.logprob_start_len, count, "logprob_start_len")
@@ -159,8 +220,6 @@ def _expand(body: GenerateIn, engine: GenerationEngine) -> tuple[list[Generation
         )
         if problems:
             raise BadRequest(f"request {rid!r}: not supported by the embedded server: {problems}")
-        if p.n < 1:
-            raise BadRequest(f"request {rid!r}: n must be >= 1, got {p.n}")
         for j in range(p.n):
             requests.append(
                 GenerationRequest(
@@ -220,17 +279,80 @@ def _response(request: GenerationRequest, result: GenerationResult, engine) -> d
     }
 
 
-def create_app(engine: GenerationEngine, *, api_key: str | None = None) -> FastAPI:
+class _Gate:
+    """Pure ASGI middleware (a ``BaseHTTPMiddleware`` would hide client disconnects from
+    the handlers): the API key on every path, and a cap on the body's size, read here so
+    that an over-large body is refused before it is parsed on the event loop."""
+
+    def __init__(self, app, *, api_key: str | None, max_body_bytes: int):
+        self.app, self.max_body_bytes = app, max_body_bytes
+        self.expected = f"Bearer {api_key}".encode() if api_key is not None else None
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or ())
+        if self.expected is not None and not hmac.compare_digest(
+            headers.get(b"authorization", b""), self.expected
+        ):
+            message = "Unauthorized: missing or wrong API key (send 'Authorization: Bearer <key>')"
+            await _error(401, message)(scope, receive, send)
+            return
+        declared = headers.get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.max_body_bytes:
+            await self._too_large(scope, receive, send)
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break  # the client went away; the handler sees it as a disconnect
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_body_bytes:
+                await self._too_large(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replayed():
+            return replay.pop() if replay else await receive()
+
+        await self.app(scope, replayed, send)
+
+    async def _too_large(self, scope, receive, send) -> None:
+        message = f"request body larger than {self.max_body_bytes} bytes (--max-request-bytes)"
+        await _error(413, message)(scope, receive, send)
+
+
+async def _await_or_abort(request: Request, futures: list[RequestFuture]) -> list | None:
+    """The futures' outcomes (results or exceptions); None if the client disconnected
+    first. If it disconnects or the handler is cancelled, the futures are aborted so
+    they stop using the engine."""
+    waiter = asyncio.gather(*(asyncio.wrap_future(f) for f in futures), return_exceptions=True)
+    try:
+        while True:
+            done, _ = await asyncio.wait({waiter}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return waiter.result()
+            if await request.is_disconnected():
+                logger.info("client of %d sequences disconnected: aborting them", len(futures))
+                return None
+    finally:
+        if not waiter.done():
+            for future in futures:
+                future.abort()
+            waiter.cancel()
+
+
+def create_app(
+    engine: GenerationEngine, *, api_key: str | None = None, max_body_bytes: int = 64 << 20
+) -> FastAPI:
     """The HTTP API over ``engine`` (the caller owns the engine and closes it)."""
     app = FastAPI(title="megatron_rl embedded rollout server", version=__version__)
-
-    @app.middleware("http")
-    async def require_api_key(request: Request, call_next):
-        if api_key is not None:
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return _error(401, "missing or wrong API key (send 'Authorization: Bearer <key>')")
-        return await call_next(request)
+    app.add_middleware(_Gate, api_key=api_key, max_body_bytes=max_body_bytes)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):
@@ -238,27 +360,44 @@ def create_app(engine: GenerationEngine, *, api_key: str | None = None) -> FastA
             f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
             for e in exc.errors()
         ]
-        return _error(400, "invalid request: " + "; ".join(problems[:8]))
+        return _invalid("invalid request: " + "; ".join(problems[:8]))
 
     @app.exception_handler(BadRequest)
     async def bad_request(request: Request, exc: BadRequest):
         return _error(400, str(exc))
 
-    @app.post("/generate")
-    async def generate(body: GenerateIn):
+    def submit(body: GenerateIn) -> tuple[list[GenerationRequest], bool, list[RequestFuture]]:
         requests, as_list = _expand(body, engine)
         try:
-            futures = [asyncio.wrap_future(engine.submit(r)) for r in requests]
+            return requests, as_list, engine.submit_all(requests)
+        except QueueFull:
+            raise
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
-        except RuntimeError as exc:
-            return _error(503, str(exc))
+
+    @app.post("/generate")
+    async def generate(body: GenerateIn, request: Request):
+        # Tokenising and expanding a large request is CPU work: keep it off the event loop
+        # so /health and the other requests are served meanwhile.
         try:
-            results = await asyncio.gather(*futures)
-        except Exception as exc:
-            logger.exception("generation failed")
-            return _error(500, f"generation failed: {exc}")
-        outputs = [_response(q, r, engine) for q, r in zip(requests, results, strict=True)]
+            requests, as_list, futures = await asyncio.to_thread(submit, body)
+        except (QueueFull, EngineStopped) as exc:
+            return _error(503, str(exc))
+        outcomes = await _await_or_abort(request, futures)
+        if outcomes is None:
+            return _error(400, "client disconnected; the request was aborted")
+        failed = [o for o in outcomes if isinstance(o, BaseException)]
+        if failed:
+            stopped = [o for o in failed if isinstance(o, EngineStopped)]
+            if stopped:
+                return _error(503, f"server shutting down: {stopped[0]}")
+            logger.error("generation of %d sequences failed: %r", len(futures), failed[0])
+            return _error(500, f"generation failed: {failed[0]!r}")
+
+        def encode() -> list[dict[str, Any]]:
+            return [_response(q, r, engine) for q, r in zip(requests, outcomes, strict=True)]
+
+        outputs = await asyncio.to_thread(encode)
         return outputs if as_list else outputs[0]
 
     @app.get("/health")
@@ -292,10 +431,15 @@ def create_app(engine: GenerationEngine, *, api_key: str | None = None) -> FastA
             "dtype": str(engine.dtype).removeprefix("torch."),
             "context_length": engine.context_length,
             "max_running_requests": engine.max_batch_size,
+            "max_total_tokens": engine.max_total_tokens,
+            "max_prefill_tokens": engine.max_prefill_tokens,
+            "max_queued_requests": engine.max_queued_requests,
+            "skip_tokenizer_init": engine.tokenizer is None,
             "enable_return_routed_experts": True,
             "api_key_required": api_key is not None,
             "weight_version": engine.weight_version,
             "return_original_logprob": engine.original_logprobs,
+            **SERVER_LAYOUT,
         }
 
     @app.api_route("/flush_cache", methods=["GET", "POST"])
@@ -326,36 +470,181 @@ def create_app(engine: GenerationEngine, *, api_key: str | None = None) -> FastA
             "weight_version": version,
         }
 
+    add_distributed_weight_update(app, engine)
     return app
 
 
-def main(argv: list[str] | None = None) -> None:
+DTYPE_NAMES = {"bfloat16": "bf16", "bf16": "bf16", "float32": "fp32", "fp32": "fp32",
+               "auto": "bf16"}  # fmt: skip
+"""SGLang's --dtype names and the older short ones; 'auto' serves bf16 (SGLang's 'auto'
+keeps a bf16 checkpoint in bf16, and it would turn fp32 into fp16, which is not served)."""
+
+# sglang.launch_server flags this server cannot honour, with the value it can (None: only
+# absent) and why. A value that changes nothing (``--tp-size 1``) is accepted.
+UNSUPPORTED_FLAGS: dict[str, tuple[str | None, str]] = {
+    "--tp-size": ("1", "the embedded server runs one CPU process (no tensor parallelism)"),
+    "--tensor-parallel-size": ("1", "the embedded server runs one CPU process"),
+    "--dp-size": ("1", "start several servers instead (--rl-rollout-num-servers)"),
+    "--data-parallel-size": ("1", "start several servers instead (--rl-rollout-num-servers)"),
+    "--pp-size": ("1", "the embedded server runs one CPU process (no pipeline parallelism)"),
+    "--pipeline-parallel-size": ("1", "the embedded server runs one CPU process"),
+    "--ep-size": ("1", "the embedded server runs one CPU process (no expert parallelism)"),
+    "--expert-parallel-size": ("1", "the embedded server runs one CPU process"),
+    "--quantization": (None, "the embedded server serves bf16 or fp32 weights only"),
+    "--kv-cache-dtype": ("auto", "the KV cache is kept in the model's dtype"),
+    "--speculative-algorithm": (None, "speculative decoding is not implemented"),
+    "--enable-lora": (None, "LoRA adapters are not implemented"),
+    "--lora-paths": (None, "LoRA adapters are not implemented"),
+    "--tokenizer-path": (None, "the tokenizer is read from --model-path"),
+    "--trust-remote-code": (None, "only transformers' own Qwen3-MoE class is served"),
+    "--enable-memory-saver": (None, "memory release/resume is not implemented"),
+    "--admin-api-key": (None, "one --api-key covers every endpoint"),
+    "--device": ("cpu", "the embedded server runs on the CPU"),
+}
+
+
+class FlagError(ValueError):
+    """A command-line flag the server refuses (one line, naming the flag)."""
+
+
+def _refuse_unsupported(unknown: list[str]) -> None:
+    i = 0
+    while i < len(unknown):
+        token = unknown[i]
+        name, _, value = token.partition("=")
+        if not name.startswith("--"):
+            raise FlagError(f"unexpected argument {token!r}")
+        if name not in UNSUPPORTED_FLAGS:
+            raise FlagError(f"{name} is not a flag of the embedded server")
+        if not value and i + 1 < len(unknown) and not unknown[i + 1].startswith("--"):
+            value, i = unknown[i + 1], i + 1
+        allowed, reason = UNSUPPORTED_FLAGS[name]
+        if allowed is None or value != allowed:
+            shown = f"{name} {value}".strip()
+            raise FlagError(f"{shown} is not supported by the embedded server: {reason}")
+        i += 1
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--port", type=int, default=30000)
-    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
-    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
-    parser.add_argument("--max-batch-size", type=int, default=32)
-    parser.add_argument("--context-length", type=int, default=None)
-    parser.add_argument("--weight-version", default="default")
-    parser.add_argument("--seed", type=int, default=None, help="seed for requests without one")
-    parser.add_argument(
+    add = parser.add_argument
+    add(
+        "--model-path",
+        "--model",
+        dest="model_path",
+        required=True,
+        help="Hugging Face Qwen3-MoE checkpoint directory",
+    )
+    add("--host", default="127.0.0.1", help="address to listen on")
+    add("--port", type=int, default=30000)
+    add(
+        "--api-key",
+        default=None,
+        help=f"require 'Authorization: Bearer KEY' (visible in ps: prefer ${API_KEY_ENV})",
+    )
+    add("--dtype", choices=sorted(DTYPE_NAMES), default="bfloat16")
+    add(
+        "--max-running-requests",
+        "--max-batch-size",
+        dest="max_running_requests",
+        type=int,
+        default=32,
+        help="most sequences generated together in one batch",
+    )
+    add(
+        "--max-total-tokens",
+        type=int,
+        default=None,
+        help="most tokens (prompt + max_new_tokens per sequence) in one batch; default: "
+        "max-running-requests full contexts",
+    )
+    add(
+        "--max-prefill-tokens",
+        type=int,
+        default=16384,
+        help="most distinct prompt tokens prefilled together (at least the context length)",
+    )
+    add(
+        "--max-queued-requests",
+        type=int,
+        default=4096,
+        help="most sequences waiting; more are refused with 503 (one request: 400)",
+    )
+    add("--max-request-bytes", type=int, default=64 << 20, help="largest request body")
+    add(
+        "--context-length",
+        type=int,
+        default=None,
+        help="longest prompt + max_new_tokens (default: the model's max_position_embeddings)",
+    )
+    add("--weight-version", default="default")
+    add(
+        "--random-seed",
+        "--seed",
+        dest="random_seed",
+        type=int,
+        default=None,
+        help="seed for requests without a sampling_seed",
+    )
+    add(
+        "--skip-tokenizer-init",
+        action="store_true",
+        help="do not load the tokenizer: input_ids only, responses without text",
+    )
+    add(
+        "--enable-return-routed-experts",
+        action="store_true",
+        help="accepted for SGLang compatibility: routes are always available",
+    )
+    add(
+        "--enable-deterministic-inference",
+        action="store_true",
+        help="accepted for SGLang compatibility: generation is always deterministic",
+    )
+    add(
         "--return-original-logprob",
         action="store_true",
         help="report logprobs at temperature 1 (SGLANG_RETURN_ORIGINAL_LOGPROB=1)",
     )
-    parser.add_argument(
+    add(
         "--threads",
         type=int,
         default=1,
         help="torch CPU threads (1 suits small models beside a trainer on few cores)",
     )
-    parser.add_argument("--log-level", default="info")
-    args = parser.parse_args(argv)
+    add(
+        "--parent-pid",
+        type=int,
+        default=None,
+        help="stop when this process (the one that started the server) dies",
+    )
+    add("--log-level", default="info")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The server's flags; raises :class:`FlagError` for flags it cannot honour."""
+    args, unknown = build_parser().parse_known_args(argv)
+    _refuse_unsupported(unknown)
+    limits = ("max_running_requests", "max_total_tokens", "max_prefill_tokens",
+              "max_queued_requests", "max_request_bytes", "context_length", "threads")  # fmt: skip
+    for name in limits:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise FlagError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.api_key is None:
+        args.api_key = os.environ.get(API_KEY_ENV) or None
+    args.dtype = DTYPE_NAMES[args.dtype]
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        args = parse_args(argv)
+    except FlagError as exc:
+        build_parser().exit(2, f"error: {exc}\n")
 
     import torch
-    import uvicorn
     from transformers.utils import logging as hf_logging
 
     logging.basicConfig(
@@ -364,24 +653,47 @@ def main(argv: list[str] | None = None) -> None:
     hf_logging.disable_progress_bar()
     torch.set_num_threads(args.threads)
     engine = GenerationEngine(
-        args.model,
+        args.model_path,
         dtype=args.dtype,
-        max_batch_size=args.max_batch_size,
+        max_batch_size=args.max_running_requests,
         context_length=args.context_length,
+        max_total_tokens=args.max_total_tokens,
+        max_prefill_tokens=args.max_prefill_tokens,
+        max_queued_requests=args.max_queued_requests,
         weight_version=args.weight_version,
         original_logprobs=args.return_original_logprob,
-        seed=args.seed,
+        seed=args.random_seed,
+        load_tokenizer_files=not args.skip_tokenizer_init,
     )
+    app = create_app(engine, api_key=args.api_key, max_body_bytes=args.max_request_bytes)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            access_log=False, timeout_graceful_shutdown=3)  # fmt: skip
+    server = _Server(config, engine)
+    if args.parent_pid is not None:
+        server.lifetime.watch_parent(args.parent_pid)
     try:
-        uvicorn.run(
-            create_app(engine, api_key=args.api_key),
-            host=args.host,
-            port=args.port,
-            log_level=args.log_level,
-            access_log=False,
-        )
+        server.run()
     finally:
-        engine.close()
+        engine.close(timeout_s=5)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, stopped promptly: a stop request (SIGTERM, SIGINT, parent death)
+    also ends the engine's running batch, so in-flight requests answer 503 at once instead
+    of holding the graceful shutdown until they finish."""
+
+    def __init__(self, config: uvicorn.Config, engine: GenerationEngine):
+        super().__init__(config)
+        self.engine = engine
+        self.lifetime = Lifetime(self.stop_now)
+
+    def stop_now(self) -> None:
+        self.engine.shutdown()
+        self.should_exit = True
+
+    def handle_exit(self, sig, frame) -> None:
+        self.lifetime.request_stop(f"signal {sig}")
+        super().handle_exit(sig, frame)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
+import psutil
 import pytest
 import torch
 from rollout_env import API_KEY
@@ -35,7 +38,20 @@ def batch(num_prompts: int = 4, group: int = 2) -> list[RolloutRequest]:
 
 
 def post(url: str, body, headers=AUTH) -> httpx.Response:
-    return httpx.post(f"{url}/generate", json=body, headers=headers, timeout=60)
+    # json.dumps writes NaN and Infinity as Python's json.loads (and so the server) reads them.
+    return httpx.post(f"{url}/generate", content=json.dumps(body),
+                      headers={**headers, "Content-Type": "application/json"}, timeout=60)  # fmt: skip
+
+
+def error_message(response: httpx.Response) -> str:
+    """The message of either of SGLang's error bodies: ``ErrorResponse`` for a request that
+    does not validate, ``{"error": {"message": ...}}`` for the others."""
+    body = response.json()
+    if body.get("object") == "error":
+        assert body["code"] == response.status_code and body["type"] == "Bad Request", body
+        return body["message"]
+    assert set(body) == {"error"} and set(body["error"]) == {"message"}, body
+    return body["error"]["message"]
 
 
 def test_start_up_checks(servers, tiny):
@@ -142,7 +158,34 @@ BAD_REQUESTS = {
         {"input_ids": [5], "sampling_params": {"repetition_penalty": 1.3}},
         "repetition_penalty",
     ),
-    "n of zero": ({"input_ids": [5], "sampling_params": {"n": 0}}, "n must be"),
+    "n of zero": ({"input_ids": [5], "sampling_params": {"n": 0}}, ".n: Input should be greater"),
+    "n of a million": (
+        {"input_ids": [5], "sampling_params": {"n": 10**6}},
+        "asks for 1000000 sequences",
+    ),
+    "a thousand prompts times n": (
+        {"input_ids": [[5]] * 1000, "sampling_params": {"n": 8}},
+        "--max-queued-requests",
+    ),
+    "temperature NaN": (
+        {"input_ids": [5], "sampling_params": {"temperature": float("nan")}},
+        "temperature",
+    ),
+    "temperature infinite": (
+        {"input_ids": [5], "sampling_params": {"temperature": float("inf")}},
+        "temperature",
+    ),
+    "top_p NaN": ({"input_ids": [5], "sampling_params": {"top_p": float("nan")}}, "top_p"),
+    "top_k 2**63": ({"input_ids": [5], "sampling_params": {"top_k": 2**63}}, "top_k"),
+    "max_new_tokens 2**70": (
+        {"input_ids": [5], "sampling_params": {"max_new_tokens": 2**70}},
+        "max_new_tokens",
+    ),
+    "sampling_seed 2**80": (
+        {"input_ids": [5], "sampling_params": {"sampling_seed": 2**80}},
+        "sampling_seed",
+    ),
+    "logprob_start_len huge": ({"input_ids": [5], "logprob_start_len": 2**63}, "logprob_start_len"),
     "rid list of wrong length": (
         {"input_ids": [[5], [6]], "rid": ["x"]},
         "rid has 1 entries for 2 prompts",
@@ -163,13 +206,13 @@ def test_bad_requests_get_400_json(servers, case):
     body, phrase = BAD_REQUESTS[case]
     response = post(servers.main.url, body)
     assert response.status_code == 400, response.text
-    assert phrase in response.json()["error"]["message"]
+    assert phrase in error_message(response)
 
 
 def test_malformed_json_and_server_survives(servers):
     url = servers.main.url
     response = httpx.post(f"{url}/generate", content=b'{"input_ids": [1, 2', headers=AUTH)
-    assert response.status_code == 400 and "error" in response.json()
+    assert response.status_code == 400 and error_message(response)
     assert httpx.get(f"{url}/health", headers=AUTH).status_code == 200
     assert (
         post(url, {"input_ids": [5, 6], "sampling_params": {"max_new_tokens": 2}}).status_code
@@ -180,14 +223,18 @@ def test_malformed_json_and_server_survives(servers):
 def test_api_key_is_required_everywhere(servers, tiny):
     url = servers.main.url
     calls = [("GET", "/health"), ("GET", "/get_model_info"), ("GET", "/get_server_info"),
-             ("POST", "/generate"), ("POST", "/flush_cache"), ("POST", "/update_weights_from_disk")]  # fmt: skip
+             ("POST", "/generate"), ("POST", "/flush_cache"), ("POST", "/update_weights_from_disk"),
+             ("GET", "/docs"), ("GET", "/openapi.json"), ("GET", "/no-such-path")]  # fmt: skip
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
         for method, path in calls:
             response = httpx.request(
                 method, f"{url}{path}", headers=headers, json={"input_ids": [5]}
             )
             assert response.status_code == 401, (headers, path)
-            assert "API key" in response.json()["error"]["message"]
+            assert "API key" in error_message(response)
+    assert httpx.get(f"{url}/openapi.json", headers=AUTH).json()["paths"]["/generate"]
+    # The launcher passes the key through the environment, never on the command line.
+    assert API_KEY not in " ".join(psutil.Process(servers.main.pid).cmdline())
     assert httpx.get(f"{url}/get_server_info", headers=AUTH).json()["api_key_required"] is True
     with pytest.raises(RolloutServerError, match="401"):
         make_client(url, tiny, api_key="wrong").check_servers(tiny, False)
