@@ -110,6 +110,9 @@ _METADATA_GLOBALS = frozenset(
         "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")]
     + [(f"{_DCP}.planner", name) for name in (
         "SavePlan", "WriteItem", "WriteItemType", "TensorWriteData", "BytesIOWriteData")]
+    # StorageMeta.checkpoint_id may be a path (pathlib._local from Python 3.13 on).
+    + [(module, name) for module in ("pathlib", "pathlib._local") for name in (
+        "Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath")]
 )
 
 
