@@ -281,7 +281,7 @@ def megatron_rl_command(w: Workload, steps: int, threads: int, save: Path, seed:
         "--rl-group-size", str(w.group), "--global-batch-size", str(w.batch),
         "--rl-mini-batch-size", str(w.mini), "--micro-batch-size", str(w.micro),
         "--rl-max-new-tokens", str(w.tokens), "--rl-temperature", "1.0",
-        "--lr", "1e-4", "--lr-decay-style", "constant",
+        "--lr", "1e-4", "--lr-decay-style", "constant", "--adam-beta2", "0.95",
         "--rl-eval-size", "0", "--eval-interval", "-1", "--no-progress",
         "--no-rl-rollout-progress", "--rl-rollout-threads", str(threads),
         "--rl-rollout-max-batch-size", str(w.batch),

@@ -28,10 +28,12 @@ ROOT = Path(__file__).resolve().parents[1]
 COMMON = [
     "--model-preset", "tiny", "--micro-batch-size", "16", "--rl-eval-size", "256",
     "--eval-micro-batch-size", "128", "--seed", "1234",
+    # megatron_rl's flags have Megatron-LM's defaults; the demo's figures came from these.
+    "--adam-beta2", "0.95", "--log-interval", "1",
 ]
 SFT = [
     "--stage", "sft", "--global-batch-size", "64", "--train-iters", "800", "--lr", "2e-3",
-    "--lr-warmup-iters", "10", "--eval-interval", "200",
+    "--lr-warmup-iters", "10", "--lr-decay-style", "cosine", "--eval-interval", "200",
     "--sft-teacher", "megatron_rl.data.teachers:hedging_teacher",
 ]
 RL = [

@@ -20,7 +20,7 @@ from megatron_rl.config.flags import ConfigError, add_config_flags, config_from_
 from megatron_rl.data.tasks import TaskConfig
 from megatron_rl.distributed import ParallelConfig, planned_world_size, world_size_from_env
 from megatron_rl.loss import ObjectiveConfig
-from megatron_rl.model.config import ModelConfig, preset
+from megatron_rl.model.config import ArchitectureFlags, ModelConfig, preset
 from megatron_rl.replay.config import ReplayConfig
 from megatron_rl.rollout.config import RolloutConfig
 from megatron_rl.training.config import (
@@ -50,6 +50,7 @@ class RunConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    architecture: ArchitectureFlags = field(default_factory=ArchitectureFlags)
 
     def components(self) -> Iterator[tuple[str, object]]:
         """(name, config) of every component, in flag-group order."""
@@ -91,7 +92,19 @@ COMPONENTS: tuple[tuple[str, type, str], ...] = (
     ("objective", ObjectiveConfig, "objective"),
     ("replay", ReplayConfig, "replay"),
     ("rollout", RolloutConfig, "rollout"),
+    ("architecture", ArchitectureFlags, "Megatron-LM architecture flags"),
 )
+
+# Megatron-LM's own RL flags (megatron/training/arguments.py) as other spellings of ours.
+MEGATRON_RL_ALIASES: dict[str, tuple[str, ...]] = {
+    "--rl-group-size": ("--grpo-group-size",),
+    "--rl-clip-low": ("--grpo-clamp-eps-lower",),
+    "--rl-clip-high": ("--grpo-clamp-eps-upper",),
+    "--rl-sequence-packing": ("--rl-use-sequence-packing",),
+    "--rl-temperature": ("--rl-default-temperature",),
+    "--rl-top-p": ("--rl-default-top-p",),
+    "--rl-top-k": ("--rl-default-top-k",),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--stage", choices=["sft", "rl"], default="rl",
                         help="sft: cold-start supervised training; rl: the RL loop")
+    parser.add_argument("--perform-rl-step", dest="stage", action="store_const", const="rl",
+                        default=argparse.SUPPRESS,
+                        help="Megatron-LM's spelling of --stage rl")
     parser.add_argument("--model-preset", default="tiny",
                         help="shape preset the --num-layers etc. flags override "
                              "(tiny, qwen3-30b-a3b)")
@@ -117,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="processes per node, as given to torchrun (with SLURM_NNODES "
                              "it makes a dry run's world size)")
     for name, cls, title in COMPONENTS:
-        add_config_flags(parser, cls, title, scope=name)
+        add_config_flags(parser, cls, title, scope=name, aliases=MEGATRON_RL_ALIASES)
     return parser
 
 
@@ -155,6 +171,9 @@ def parse_launch(argv: Sequence[str] | None = None, world_size: int | None = Non
     for name, cls, _ in COMPONENTS:
         base = preset(ns.model_preset) if cls is ModelConfig else None
         parts[name] = config_from_flags(cls, ns, base, scope=name)
+    tokenizer_model = parts["architecture"].tokenizer_model
+    if tokenizer_model is not None and not hasattr(ns, "model.tokenizer"):
+        parts["model"] = parts["model"].replace(tokenizer=tokenizer_model)
     run = RunConfig(stage=ns.stage, world_size=world_size, **parts)
     run.validate()
     return Launch(run=run, dry_run=ns.dry_run, world_size_source=source)

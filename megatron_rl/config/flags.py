@@ -88,11 +88,16 @@ def _optional(parse):
 
 
 def add_config_flags(
-    parser: argparse.ArgumentParser, cls: type, title: str | None = None, *, scope: str | None = None
+    parser: argparse.ArgumentParser, cls: type, title: str | None = None, *, scope: str | None = None,
+    aliases: dict[str, tuple[str, ...]] | None = None,
 ) -> None:
     """Add one flag per field of ``cls`` to ``parser`` (in a group named ``title``), each
     parsed into the slot ``<scope>.<field>`` (read back by :func:`config_from_flags` with
-    the same ``scope``)."""
+    the same ``scope``). ``aliases`` maps a flag to other spellings of the same option.
+
+    A bool field is a ``--flag`` / ``--no-flag`` pair, except a field named ``no_*`` or
+    marked ``metadata={"store_true": True}``: Megatron-LM's switches such as
+    ``--no-load-optim`` exist only in their given form."""
     group = parser.add_argument_group(title or cls.__name__)
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
@@ -105,7 +110,9 @@ def add_config_flags(
             "help": field_help(cls, field.name) + _default_note(field),
         }
         origin = get_origin(tp)
-        if tp is bool:
+        if tp is bool and (field.name.startswith("no_") or field.metadata.get("store_true")):
+            kwargs["action"] = "store_true"
+        elif tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif origin is Literal:
             choices = list(get_args(tp))
@@ -119,7 +126,8 @@ def add_config_flags(
             kwargs["type"] = _optional(tp) if optional else tp
         else:
             kwargs["type"] = str
-        group.add_argument(flag_name(field, cls), **kwargs)
+        flag = flag_name(field, cls)
+        group.add_argument(flag, *(aliases or {}).get(flag, ()), **kwargs)
 
 
 def _default_note(field: dataclasses.Field) -> str:

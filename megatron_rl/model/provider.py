@@ -118,7 +118,7 @@ def transformer_config(
         bf16=bf16,
         use_cpu_initialization=not torch.cuda.is_available(),
         calculate_per_token_loss=True,
-        recompute_granularity=None if recompute == "none" else recompute,
+        recompute_granularity=recompute,
         recompute_method=model.recompute_method if recompute == "full" else None,
         recompute_num_layers=model.recompute_num_layers if recompute == "full" else None,
         persist_layer_norm=False,

@@ -16,23 +16,27 @@ class TrainingConfig:
     micro_batch_size: int = 8
     """Samples per micro-batch on one data-parallel rank."""
     global_batch_size: int = 64
-    """Samples per optimiser step over all data-parallel ranks (SFT); in RL the rollout
-    batch, split into --rl-mini-batch-size updates."""
+    """SFT: samples per optimiser step over all data-parallel ranks. RL: responses per RL
+    step (the rollout batch, --rl-group-size responses per prompt), split into
+    --rl-mini-batch-size gradient updates."""
     train_iters: int = 200
-    """Optimiser steps (SFT) or RL steps (RL)."""
+    """SFT: optimiser steps. RL: RL steps (each one rollout batch and its N updates)."""
     lr: float = 1e-3
     """Peak learning rate."""
     min_lr: float = 0.0
     """Learning rate at the end of the decay."""
     lr_warmup_iters: int = 0
     """Linear warm-up steps."""
-    lr_decay_style: Literal["constant", "linear", "cosine"] = "cosine"
+    lr_decay_style: Literal["constant", "linear", "cosine"] = "linear"
     """Decay after warm-up."""
+    lr_decay_iters: int | None = None
+    """Steps (as --train-iters counts them) to decay the learning rate over; None:
+    --train-iters. After them the learning rate stays at --min-lr."""
     weight_decay: float = 0.01
     """AdamW weight decay."""
     adam_beta1: float = 0.9
     """Adam beta1."""
-    adam_beta2: float = 0.95
+    adam_beta2: float = 0.999
     """Adam beta2."""
     adam_eps: float = 1e-8
     """Adam epsilon."""
@@ -42,11 +46,23 @@ class TrainingConfig:
     """Train in bfloat16 (fp32 master weights); off on CPU by default."""
     use_distributed_optimizer: bool = False
     """Shard optimiser state over data-parallel ranks (ZeRO-1)."""
+    overlap_grad_reduce: bool = field(default=False, metadata={"store_true": True})
+    """Overlap the data-parallel gradient reduction with the backward pass (megatron-core
+    DDP)."""
+    overlap_param_gather: bool = field(default=False, metadata={"store_true": True})
+    """Overlap the distributed optimizer's parameter all-gather with the next forward
+    (needs --use-distributed-optimizer and --overlap-grad-reduce)."""
     seed: int = 1234
     """Seed of every random generator."""
 
     def validate(self, run: RunView) -> None:
         data_parallel_size = run.parallel.data_parallel_size(run.world_size)
+        if self.lr_decay_iters is not None and self.lr_decay_iters < 1:
+            raise ConfigError(f"--lr-decay-iters must be >= 1, got {self.lr_decay_iters}")
+        if self.overlap_param_gather and not (self.use_distributed_optimizer
+                                              and self.overlap_grad_reduce):
+            raise ConfigError("--overlap-param-gather needs --use-distributed-optimizer and "
+                              "--overlap-grad-reduce")
         if self.micro_batch_size < 1 or self.global_batch_size < 1:
             raise ConfigError("--micro-batch-size and --global-batch-size must be >= 1")
         if self.global_batch_size % (self.micro_batch_size * data_parallel_size):
@@ -95,7 +111,7 @@ class CheckpointConfig:
 class LoggingConfig:
     """Where metrics go."""
 
-    log_interval: int = 1
+    log_interval: int = 100
     """Print a metrics line every N steps."""
     tensorboard_dir: str | None = None
     """Write tensorboard events here."""

@@ -70,7 +70,8 @@ class MegatronEngine:
         self.config = chunks[0].config
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
-            overlap_grad_reduce=False,
+            overlap_grad_reduce=training.overlap_grad_reduce,
+            overlap_param_gather=training.overlap_param_gather,
             use_distributed_optimizer=training.use_distributed_optimizer,
             check_for_nan_in_grad=False,
         )
@@ -107,7 +108,8 @@ class MegatronEngine:
         )
         self.optimizer = get_megatron_optimizer(opt_config, self.model)
         self.config.grad_scale_func = self.optimizer.scale_loss
-        decay_steps = max(t.train_iters * updates_per_step, warmup_steps + 1)
+        decay_iters = t.lr_decay_iters if t.lr_decay_iters is not None else t.train_iters
+        decay_steps = max(decay_iters * updates_per_step, warmup_steps + 1)
         self.scheduler = OptimizerParamScheduler(
             self.optimizer,
             init_lr=0.0 if warmup_steps else t.lr,

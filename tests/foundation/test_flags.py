@@ -80,11 +80,13 @@ def test_no_two_flags_share_an_argparse_slot():
     parser = build_parser()
     dests: dict[str, str] = {}
     for action in parser._actions:
-        for option in action.option_strings:
-            if option.startswith("--no-") or option in ("-h", "--help"):
-                continue  # BooleanOptionalAction's negation shares its flag's slot
-            assert action.dest not in dests, f"{option} and {dests[action.dest]} share {action.dest}"
-            dests[action.dest] = option
+        # One action per slot: its other option strings (BooleanOptionalAction's --no-
+        # negation, Megatron-LM's RL spellings) are the same flag.
+        option = action.option_strings[0] if action.option_strings else None
+        if option in (None, "-h", "--perform-rl-step"):
+            continue  # --perform-rl-step is Megatron-LM's spelling of --stage rl
+        assert action.dest not in dests, f"{option} and {dests[action.dest]} share {action.dest}"
+        dests[action.dest] = option
     # Fields called alike in two components stay apart.
     assert dests["training.seed"] == "--seed" and dests["rollout.seed"] == "--rl-rollout-seed"
     assert dests["logging.progress"] == "--progress"
@@ -107,3 +109,146 @@ def test_rl_fields_drop_the_prefix_but_keep_the_flag():
     assert run.rl.group_size == 4 and run.objective.objective == "grpo"
     assert run.task.task == "chain_sum"
     assert run.task.sft_teacher == "megatron_rl.data.teachers:hedging_teacher"
+
+
+# Defaults of the flags megatron_rl shares with Megatron-LM, read from
+# megatron/training/arguments.py of NVIDIA/Megatron-LM at commit
+# 93da800461fd4f6a8262c3bab227868b966aaa69 (2025-12-10, the last version that declares them
+# with add_argument; later ones derive them from megatron-core's config dataclasses).
+# Not listed: shape flags (--num-layers, --hidden-size, --seq-length, ..., --moe-router-topk,
+# --num-query-groups), which come from --model-preset; flags Megatron-LM leaves unset while
+# ours have an RL meaning or a working value (--lr, --train-iters, --global-batch-size,
+# --micro-batch-size, --save-interval, --eval-interval); --distributed-backend (nccl there,
+# chosen by the device here); --moe-router-dtype (ours adds fp32 by default).
+MEGATRON_LM_DEFAULTS = {
+    "--lr-decay-style": "linear",
+    "--lr-decay-iters": None,
+    "--lr-warmup-iters": 0,
+    "--min-lr": 0.0,
+    "--weight-decay": 0.01,
+    "--clip-grad": 1.0,
+    "--adam-beta1": 0.9,
+    "--adam-beta2": 0.999,
+    "--adam-eps": 1e-08,
+    "--norm-epsilon": 1e-5,
+    "--rotary-base": 10000,
+    "--init-method-std": 0.02,
+    "--log-interval": 100,
+    "--recompute-granularity": None,
+    "--recompute-method": None,
+    "--recompute-num-layers": None,
+    "--seed": 1234,
+    "--tensor-model-parallel-size": 1,
+    "--pipeline-model-parallel-size": 1,
+    "--context-parallel-size": 1,
+    "--expert-model-parallel-size": 1,
+    "--expert-tensor-parallel-size": None,
+    "--num-layers-per-virtual-pipeline-stage": None,
+    "--distributed-timeout-minutes": 10,
+    "--moe-token-dispatcher-type": "allgather",
+    "--moe-aux-loss-coeff": 0.0,
+    "--save": None,
+    "--load": None,
+    "--tensorboard-dir": None,
+    # store_true switches: off unless given
+    "--bf16": False, "--sequence-parallel": False, "--use-distributed-optimizer": False,
+    "--finetune": False, "--no-load-optim": False, "--no-load-rng": False,
+    "--moe-router-fusion": False, "--overlap-grad-reduce": False,
+    "--overlap-param-gather": False,
+}
+
+
+def _field_defaults() -> dict[str, object]:
+    import dataclasses
+
+    from megatron_rl.arguments import COMPONENTS
+    from megatron_rl.config.flags import flag_name
+
+    out = {}
+    for _, cls, _ in COMPONENTS:
+        for f in dataclasses.fields(cls):
+            if f.init and f.metadata.get("flag") is not False:
+                out[flag_name(f, cls)] = f.default
+    return out
+
+
+def test_shared_flags_have_megatron_lm_defaults():
+    defaults = _field_defaults()
+    for flag, expected in MEGATRON_LM_DEFAULTS.items():
+        assert flag in defaults, f"{flag} is missing"
+        assert defaults[flag] == expected, f"{flag}: {defaults[flag]!r}, Megatron-LM {expected!r}"
+    # Megatron's no_* switches exist only as given: no --no-no-load-optim.
+    text = build_parser().format_help()
+    assert "--no-no-" not in text
+    # Where RL wants another value the preset carries it (Qwen3's values).
+    run = parse_args([], world_size=1)
+    assert (run.model.norm_epsilon, run.model.rotary_base) == (1e-6, 1e6)
+
+
+def test_megatron_script_flags_are_accepted_and_honoured():
+    run = parse_args([
+        "--perform-rl-step", "--grpo-group-size", "4", "--global-batch-size", "16",
+        "--grpo-clamp-eps-lower", "0.1", "--grpo-clamp-eps-upper", "0.3",
+        "--rl-use-sequence-packing", "--rl-default-temperature", "0.7",
+        "--rl-default-top-p", "0.9", "--rl-default-top-k", "20",
+        "--swiglu", "--normalization", "RMSNorm", "--qk-layernorm", "--disable-bias-linear",
+        "--untie-embeddings-and-output-weights", "--position-embedding-type", "rope",
+        "--group-query-attention", "--moe-grouped-gemm", "--attention-backend", "auto",
+        "--moe-router-load-balancing-type", "aux_loss", "--overlap-grad-reduce",
+        "--no-load-optim", "--no-load-rng", "--lr-decay-iters", "50",
+        "--recompute-granularity", "full", "--recompute-method", "uniform",
+        "--recompute-num-layers", "1",
+        "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", "char",
+    ], world_size=1)
+    assert run.stage == "rl" and run.rl.group_size == 4 and run.rl.sequence_packing
+    assert (run.objective.clip_low, run.objective.clip_high) == (0.1, 0.3)
+    assert (run.rollout.temperature, run.rollout.top_p, run.rollout.top_k) == (0.7, 0.9, 20)
+    assert run.checkpoint.no_load_optim and run.checkpoint.no_load_rng
+    assert run.training.lr_decay_iters == 50 and run.training.overlap_grad_reduce
+    assert run.model.recompute_method == "uniform" and run.model.tokenizer == "char"
+
+
+def test_lr_decay_iters_changes_the_schedule():
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    class _Opt:
+        param_groups = [{"lr": 0.0, "weight_decay": 0.0}]
+
+    def lr_at(decay_steps: int, step: int) -> float:
+        sched = OptimizerParamScheduler(_Opt(), init_lr=1.0, max_lr=1.0, min_lr=0.0,
+                                        lr_warmup_steps=0, lr_decay_steps=decay_steps,
+                                        lr_decay_style="linear", start_wd=0.0, end_wd=0.0,
+                                        wd_incr_steps=decay_steps, wd_incr_style="constant")
+        sched.step(step)
+        return _Opt.param_groups[0]["lr"]
+
+    # The engine decays over --lr-decay-iters x updates when given, else --train-iters.
+    import inspect
+
+    from megatron_rl.training import engine
+
+    assert "t.lr_decay_iters if t.lr_decay_iters is not None else t.train_iters" in \
+        inspect.getsource(engine.MegatronEngine._build_optimizer)
+    assert lr_at(50, 50) == 0.0 and lr_at(200, 50) == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--normalization", "LayerNorm"], "uses RMSNorm"),
+    (["--position-embedding-type", "learned_absolute"], "which uses rope"),
+    (["--attention-backend", "flash"], "use auto"),
+    (["--tokenizer-type", "GPT2BPETokenizer"], "loads Hugging Face tokenizers"),
+    (["--tokenizer-type", "HuggingFaceTokenizer"], "needs --tokenizer-model"),
+    (["--moe-router-load-balancing-type", "sinkhorn"], "supports aux_loss and none"),
+    (["--data-path", "/data/x_text_document"], "reads RL prompts from --rl-task"),
+    (["--recompute-granularity", "full"], "needs --recompute-method"),
+    (["--overlap-param-gather"], "needs --use-distributed-optimizer"),
+])
+def test_megatron_values_megatron_rl_cannot_honour_are_refused(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_args(argv, world_size=1)
+
+
+def test_recompute_granularity_none_is_not_a_megatron_value(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--recompute-granularity", "sometimes"], world_size=1)
+    assert "invalid choice" in capsys.readouterr().err

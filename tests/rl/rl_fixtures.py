@@ -15,7 +15,8 @@ TINY_RL = [
     "--stage", "rl", "--rl-group-size", "4", "--global-batch-size", "16",
     "--micro-batch-size", "4", "--rl-max-new-tokens", "5", "--rl-eval-size", "8",
     "--eval-micro-batch-size", "8", "--eval-max-new-tokens", "4", "--lr", "5e-4",
-    "--lr-decay-style", "constant", "--no-progress", "--seq-length", "96",
+    "--lr-decay-style", "constant", "--adam-beta2", "0.95", "--no-progress",
+    "--seq-length", "96",
 ]
 
 

@@ -58,7 +58,8 @@ def main():
 
     model = PRESETS["tiny"].replace(moe_token_dispatcher_type=args.dispatcher, seq_length=32)
     if args.recompute:
-        model = model.replace(recompute_granularity="full", recompute_num_layers=1)
+        model = model.replace(recompute_granularity="full", recompute_method="uniform",
+                              recompute_num_layers=1)
     parallel = ParallelConfig(
         tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
         expert_model_parallel_size=args.ep, sequence_parallel=args.tp > 1,
