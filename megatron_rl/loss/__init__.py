@@ -2,7 +2,7 @@
 
 The training step calls :func:`compute_loss` on each piece of a mini-batch; the
 objective is chosen by ``ObjectiveConfig.objective`` from :data:`OBJECTIVES` or a
-user's ``package.module:function``. Formulas: docs/objectives.md.
+user's ``package.module:function``. Formulas: README.md, section "Objectives".
 """
 
 from megatron_rl.loss.compute import compute_loss

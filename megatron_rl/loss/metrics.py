@@ -15,7 +15,7 @@ import torch
 from megatron_rl.loss.stat_collector import StatCollector
 from megatron_rl.loss.tokens import Tokens
 
-# name -> definition; docs/objectives.md carries the same table (a test keeps them equal).
+# name -> definition; README.md ("Objectives", "Metrics") carries the same table (a test keeps them equal).
 METRICS: dict[str, str] = {
     "train/loss": "the objective's loss (-J), summed over the pieces of a mini-batch; averaged over mini-batches",
     "train/clipfrac": "fraction of tokens clipped (train/clipfrac_low + train/clipfrac_high)",

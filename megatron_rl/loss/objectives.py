@@ -1,6 +1,6 @@
 """The RL objectives, as pure functions of a piece's tensors, and their registry.
 
-Notation (docs/objectives.md has every formula): r_t = pi_theta/pi_old of token t,
+Notation (README.md, section "Objectives", has every formula): r_t = pi_theta/pi_old of token t,
 c_t the training-inference correction weight (corrections.py), A_t the advantage,
 |y| the full response length, N the mini-batch's responses, T_all its tokens. Every
 objective returns -J for its piece, already divided by N or T_all, so the mini-batch

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 OBJECTIVES = ("minirl", "minirl_no_is", "minirl_length_norm", "grpo")
-"""The paper's objective and its ablations (objectives.md lists them)."""
+"""The paper's objective and its ablations (README.md, section "Objectives", lists them)."""
 OFF_POLICINESS = (1, 2, 4, 8)
 """N: gradient updates per rollout batch (global batch / mini-batch)."""
 REPLAYS = ("none", "r2", "r3")
