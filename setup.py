@@ -12,7 +12,9 @@ PINS = {
     "torch": "torch==2.13.0",
     # megatron-core >= 0.17 needs Python 3.12; 0.16.1 is the newest for 3.11.
     "megatron-core-cpu": "megatron-core==0.16.1",
-    "megatron-core": "megatron-core>=0.16.1",
+    # Bounded to the releases the tests run on: 0.16.1 (`make test`) and 0.19.2 (`make
+    # test-mcore-latest`, Python 3.12).
+    "megatron-core": "megatron-core>=0.16.1,<=0.19.2",
     "transformers": "transformers>=5.0,<6",
     "tokenizers": "tokenizers>=0.22",
     "safetensors": "safetensors>=0.5",

@@ -14,15 +14,35 @@ cProfile and prints the functions that take the most time inside the steps.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import pstats
 import sys
 import tempfile
+import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_trl  # noqa: E402
 from bench_trl import DEMO, Workload, format_breakdown, format_table  # noqa: E402
+
+
+def cprofile_loses_calls() -> bool:
+    """Whether this interpreter's cProfile loses the call stack at a bound method that
+    wraps a C function (python/cpython#122029; seen here on CPython 3.12.1 and 3.13.0,
+    not on 3.11). torch calls such methods throughout, so the trainer's profile would
+    lose its own loop and misattribute the time: a wrong profile, not a slow one."""
+    probe = types.MethodType(len, ())
+
+    def outer() -> None:
+        probe()
+
+    profiler = cProfile.Profile()
+    profiler.runcall(outer)
+    return not any(name == "outer" for _, _, name in pstats.Stats(profiler).stats)
+
+
+PROFILE_REFUSED = "--profile: this Python's cProfile loses calls"
 
 
 def profiled_command(cmd: list[str], out: Path) -> list[str]:
@@ -55,6 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top", type=int, default=30, help="functions listed by --profile")
     bench_trl.add_common_flags(p)
     args = p.parse_args(argv)
+    if args.profile and cprofile_loses_calls():
+        print(f"{PROFILE_REFUSED} (python/cpython#122029 on Python "
+              f"{sys.version.split()[0]}); its profile of the trainer would be wrong. Run "
+              "--profile with a Python whose cProfile works (3.11 does).", file=sys.stderr)
+        return 2
     args.rounds, args.no_trl = 1, True
     workloads = [Workload.parse(s, args.micro) for s in args.workloads]
     with tempfile.TemporaryDirectory(prefix="bench_breakdown_") as tmp:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.moe.router_replay import RouterReplay
+from megatron.core.transformer.multi_token_prediction import MultiTokenPredictionLayer
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 
@@ -62,6 +63,25 @@ def _is_mtp_path(name: str, modules: dict[str, torch.nn.Module]) -> bool:
     return False
 
 
+def _mtp_layer_index(name: str, modules: dict[str, torch.nn.Module], num_layers: int,
+                     layer_module: TransformerLayer) -> int:
+    """Global 0-based index of the MTP layer that owns router ``name``: ``num_layers +
+    depth - 1`` (depth from 1), megatron's own number for an MTP router.
+
+    Taken from the enclosing ``MultiTokenPredictionLayer``'s ``layer_number`` (its depth,
+    plus the pipeline offset), which means the same in every megatron-core release: the
+    inner TransformerLayer's number does not. Up to 0.16 the inner layer continues the
+    decoder's numbering (``num_layers + depth``); later releases number it from 1 like
+    the MTP layer itself and add ``num_layers`` where they need a global number."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        owner = modules.get(".".join(parts[:i]))
+        if isinstance(owner, MultiTokenPredictionLayer):
+            return num_layers + int(owner.layer_number) - 1
+    # An MTP router outside a MultiTokenPredictionLayer: only the old numbering can tell.
+    return int(layer_module.layer_number) - 1
+
+
 def _owning_layer(name: str, modules: dict[str, torch.nn.Module]) -> TransformerLayer | None:
     parts = name.split(".")
     for i in range(len(parts) - 1, 0, -1):
@@ -98,7 +118,9 @@ def find_routers(chunks: Sequence[torch.nn.Module], all_moe_layers: Sequence[int
                 or layer >= num_layers
             )
             position = None
-            if not mtp:
+            if mtp:
+                layer = _mtp_layer_index(name, modules, num_layers, layer_module)
+            else:
                 own = getattr(module, "layer_number", None)
                 if own is not None and int(own) != layer + 1:
                     raise ReplayBindingError(

@@ -319,8 +319,58 @@ def save_checkpoint(
 _SCHEDULE_KEYS = ("lr", "max_lr", "min_lr", "weight_decay", "wd_mult", "lr_mult")
 
 
-def _hyperparameters(group: dict) -> dict:
-    return {key: group[key] for key in _SCHEDULE_KEYS if key in group}
+def _run_group_keys() -> tuple[str, ...]:
+    """Param-group settings that belong to the run, not to the checkpoint, when a run
+    continues another's Adam state under its own schedule: the schedule's keys and every
+    key megatron pairs a saved param group with a live one by (its
+    ``param_group_identifier_keys``: ``wd_mult``, ``lr_mult``, ``is_expert_parallel``,
+    ``is_decoupled_lr`` in 0.16; 0.19 adds ``max_lr``, ``min_lr``, ``start_wd``,
+    ``end_wd``, ``optimizer``, so a saved group whose learning rate differs from the live
+    one's no longer pairs)."""
+    try:
+        from megatron.core.optimizer.optimizer import param_group_identifier_keys
+    except ImportError:  # a release without it pairs groups by position
+        param_group_identifier_keys = ()
+    return tuple(dict.fromkeys((*_SCHEDULE_KEYS, *param_group_identifier_keys)))
+
+
+def _param_group_lists(state: Any) -> list[list[dict]]:
+    """Every ``param_groups`` list in an optimiser state dict, in order (chained
+    optimisers by index, a mixed-precision optimiser's nested ``optimizer`` entry)."""
+    found: list[list[dict]] = []
+    if isinstance(state, dict):
+        for key, value in state.items():
+            if key == "param_groups" and isinstance(value, list):
+                found.append(value)
+            else:
+                found.extend(_param_group_lists(value))
+    elif isinstance(state, list):
+        for value in state:
+            found.extend(_param_group_lists(value))
+    return found
+
+
+def _keep_run_group_settings(loaded: dict, engine: MegatronEngine) -> None:
+    """Give the loaded param groups this run's settings (:func:`_run_group_keys`) before
+    megatron loads them: the groups are paired by position (same model, same grouping
+    code), so megatron's own pairing by those keys then finds every group, and the
+    scheduler reads this run's learning rates and weight decay from them. Adam's moments
+    and step count stay the checkpoint's."""
+    keys = _run_group_keys()
+    live_lists = _param_group_lists(engine.optimizer.state_dict())
+    loaded_lists = _param_group_lists(loaded)
+    if [len(g) for g in live_lists] != [len(g) for g in loaded_lists]:
+        raise CheckpointError(
+            "the checkpoint's optimiser has param groups "
+            f"{[len(g) for g in loaded_lists]}, this run's {[len(g) for g in live_lists]}: "
+            "cannot continue its optimiser state (use --no-load-optim)")
+    for live_groups, loaded_groups in zip(live_lists, loaded_lists, strict=True):
+        for live_group, loaded_group in zip(live_groups, loaded_groups, strict=True):
+            for key in keys:
+                if key in live_group:
+                    loaded_group[key] = live_group[key]
+                else:
+                    loaded_group.pop(key, None)
 
 
 def _adapt_optimizer_state(loaded: dict, engine: MegatronEngine) -> dict:
@@ -541,17 +591,19 @@ def load_checkpoint(
     for i, chunk in enumerate(engine.chunks):
         chunk.load_state_dict(loaded["model"][f"chunk{i}"], strict=True)
     if with_optimizer:
-        ours = [_hyperparameters(g) for g in engine.optimizer.param_groups]
-        engine.optimizer.load_state_dict(_adapt_optimizer_state(loaded["optimizer"], engine))
-        if engine.scheduler is not None and "scheduler" in common and load_scheduler:
-            engine.scheduler.load_state_dict(common["scheduler"])
-        elif engine.scheduler is not None:
+        optimizer_state = _adapt_optimizer_state(loaded["optimizer"], engine)
+        own_schedule = engine.scheduler is not None and not (
+            load_scheduler and "scheduler" in common)
+        if own_schedule:
             # The loaded param groups carry the old run's schedule (max_lr, min_lr, lr,
-            # weight decay), which megatron's scheduler reads from the groups: put this
-            # run's back, then apply its current learning rate.
-            for group, hyper in zip(engine.optimizer.param_groups, ours, strict=True):
-                group.update(hyper)
-            engine.scheduler.step(increment=0)
+            # weight decay), which megatron's scheduler reads from the groups: give them
+            # this run's before loading (megatron >= 0.19 pairs groups by these keys).
+            _keep_run_group_settings(optimizer_state, engine)
+        engine.optimizer.load_state_dict(optimizer_state)
+        if own_schedule:
+            engine.scheduler.step(increment=0)  # apply this run's current learning rate
+        elif engine.scheduler is not None:
+            engine.scheduler.load_state_dict(common["scheduler"])
     else:
         # Fresh optimiser on loaded weights: its fp32 main copies must follow the model.
         if engine.optimizer is not None:

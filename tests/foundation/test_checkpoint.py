@@ -25,6 +25,20 @@ def test_roundtrip_is_exact_and_resume_continues_identically(torchrun, tmp_path)
     # Resuming from the checkpoint reproduces steps 2 and 3 exactly.
     assert resumed["losses"] == full["losses"][1:]
     assert resumed["grad_norms"] == full["grad_norms"][1:]
+    # A run with another learning rate (RL after a cold start) continues the same Adam
+    # state under its own schedule: megatron >= 0.19 pairs saved and live param groups
+    # by their max_lr / min_lr too.
+    torchrun(WORKER, 1, ["--steps", "0", "--load", str(ckpt), "--lr", "5e-4",
+                         "--own-schedule", "--dump-at", "0"], tmp_path / "own")
+    own = torch.load(tmp_path / "own" / "dump0.pt", weights_only=False)["optimizer"]
+    saved = {k: v for k, v in _flatten(before["optimizer"]).items() if "/param_groups/" not in k}
+    continued = {k: v for k, v in _flatten(own).items() if "/param_groups/" not in k}
+    _assert_same_optimizer_state(saved, continued)
+    groups = {k: v for k, v in _flatten(own).items() if "/param_groups/" in k}
+    assert [v for k, v in groups.items() if k.endswith("/lr")] != []
+    for key, value in groups.items():
+        if key.endswith(("/lr", "/max_lr", "/min_lr")):
+            assert value == (5e-4 if not key.endswith("min_lr") else 0.0), key
 
 
 def _assert_same_optimizer_state(a, b):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from megatron_rl.data.packing import Sample, split_microbatches
-from megatron_rl.replay.routes import compact, padding_routes
+from megatron_rl.data.routes import compact, padding_routes
 from megatron_rl.replay.split import (
     cp_positions,
     from_router_order,
@@ -77,7 +77,8 @@ def test_rank_share_of_sample_keeps_only_the_stage_layers():
 
 
 class _Group:
-    """A stand-in CP process group for megatron's get_pg_size / get_pg_rank."""
+    """A stand-in CP process group for megatron's get_pg_size / get_pg_rank (0.16) or
+    torch.distributed.get_world_size / get_rank (0.19, patched in the test to ask it)."""
 
     def __init__(self, size: int, rank: int) -> None:
         self._size, self._rank = size, rank
@@ -89,6 +90,20 @@ class _Group:
         return self._rank
 
 
+def _megatron_cp_split(batch: dict, group: _Group) -> dict:
+    """megatron's ``get_batch_on_this_cp_rank`` with plain (not hybrid) CP in every
+    release: megatron-core 0.19 added a required ``is_hybrid_cp`` argument; without
+    ``cu_seqlens`` in the batch it then takes the same per-sequence split as before."""
+    import inspect
+
+    import megatron.core.utils as mutils
+
+    split = mutils.get_batch_on_this_cp_rank
+    if "is_hybrid_cp" in inspect.signature(split).parameters:
+        return split(batch, is_hybrid_cp=False, cp_group=group)
+    return split(batch, cp_group=group)
+
+
 @pytest.mark.parametrize("pack", [False, True])
 @pytest.mark.parametrize("cp", [2, 4])
 def test_cp_split_matches_megatron_get_batch_on_this_cp_rank(monkeypatch, pack, cp):
@@ -97,7 +112,14 @@ def test_cp_split_matches_megatron_get_batch_on_this_cp_rank(monkeypatch, pack, 
     import megatron.core.utils as mutils
 
     # megatron consults the group only when torch.distributed is initialised.
-    monkeypatch.setattr(mutils.torch.distributed, "is_initialized", lambda: True)
+    dist = mutils.torch.distributed
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    # megatron-core 0.19 asks torch.distributed for the group's size and rank directly.
+    size_of, rank_of = dist.get_world_size, dist.get_rank
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: group.size()
+                        if isinstance(group, _Group) else size_of(group))
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: group.rank()
+                        if isinstance(group, _Group) else rank_of(group))
     batches, length = split_microbatches(samples(6), 2, pad_multiple=8, max_length=32,
                                          pack=pack, route_shape=(LAYERS, K, E))
     assert length % (2 * cp) == 0
@@ -109,8 +131,8 @@ def test_cp_split_matches_megatron_get_batch_on_this_cp_rank(monkeypatch, pack, 
         }
         held = []
         for rank in range(cp):
-            theirs = mutils.get_batch_on_this_cp_rank(
-                {n: t.clone() for n, t in fields.items()}, cp_group=_Group(cp, rank))
+            theirs = _megatron_cp_split({n: t.clone() for n, t in fields.items()},
+                                        _Group(cp, rank))
             for name, tensor in fields.items():
                 seq_dim = 2 if name == "attention_mask" else 1
                 assert torch.equal(theirs[name], split_for_cp(tensor, seq_dim, cp, rank)), name

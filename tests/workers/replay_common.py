@@ -10,7 +10,7 @@ import torch
 def samples_with_routes(count: int, seed: int, num_moe_layers: int, topk: int, num_experts: int):
     """Deterministic samples (same on every rank), each with its own random valid routes."""
     from megatron_rl.data.packing import Sample
-    from megatron_rl.replay.routes import compact
+    from megatron_rl.data.routes import compact
 
     gen = torch.Generator().manual_seed(seed)
     samples = []
@@ -22,6 +22,17 @@ def samples_with_routes(count: int, seed: int, num_moe_layers: int, topk: int, n
         routes = compact(scores.argsort(dim=-1)[..., :topk], num_experts)
         samples.append(Sample(tokens=tokens, prompt_len=prompt, routes=routes, index=i))
     return samples
+
+
+def _global_layer(router) -> int:
+    """A router's global 0-based layer as megatron itself counts it (aux-loss logging):
+    megatron-core up to 0.16 numbers an MTP layer's router past the decoder already;
+    later releases number it from 1 within the MTP block, flag it ``is_mtp_layer`` and
+    add ``num_layers``."""
+    number = int(router.layer_number)
+    if getattr(router, "is_mtp_layer", False):
+        number += router.config.num_layers
+    return number - 1
 
 
 class RouterObserver:
@@ -46,7 +57,7 @@ class RouterObserver:
 
     def _hook(self, router, module, inputs, output) -> None:
         self.calls.append({
-            "layer": int(router.layer_number) - 1,
+            "layer": _global_layer(router),
             "key": self.key if self.in_forward else None,
             "map": output[1].detach().clone(),
             "probs": output[0].detach().clone(),

@@ -34,6 +34,9 @@ def main():
     p.add_argument("--vpp-layers", type=int, default=None)
     p.add_argument("--dist-opt", action="store_true")
     p.add_argument("--load", default=None)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--own-schedule", action="store_true",
+                   help="load the optimiser state but keep this run's learning rate")
     p.add_argument("--save", default=None)
     p.add_argument("--save-at", type=int, default=None, help="save after this many steps")
     p.add_argument("--steps", type=int, default=2)
@@ -66,12 +69,12 @@ def main():
         num_layers_per_virtual_pipeline_stage=args.vpp_layers,
     )
     training = TrainingConfig(micro_batch_size=args.micro_batch_size, global_batch_size=8,
-                              lr=1e-3, lr_decay_style="constant", clip_grad=1e6,
+                              lr=args.lr, lr_decay_style="constant", clip_grad=1e6,
                               use_distributed_optimizer=args.dist_opt, train_iters=10)
     init_distributed(parallel, model.num_layers, seed=1234)
     engine = MegatronEngine(model, parallel, training)
     if args.load:
-        ckpt.load_checkpoint(engine, args.load)
+        ckpt.load_checkpoint(engine, args.load, load_scheduler=not args.own_schedule)
     rank = torch.distributed.get_rank()
 
     def dump() -> None:
