@@ -30,12 +30,21 @@ PINS = {
     "numpy": "numpy>=1.26",
     "pytest": "pytest>=8",
     "ruff": "ruff>=0.6",
-    "transformer-engine": "transformer-engine[pytorch]>=2.6",
-    # NVIDIA apex is not on PyPI (the PyPI "apex" is another project); NGC PyTorch images
-    # ship it, which satisfies this requirement without a build.
-    "apex": "apex @ git+https://github.com/NVIDIA/apex.git",
-    "sglang": "sglang[all]>=0.5.7",
+    # The GPU stack, as the Dockerfile installs it on SGLang's release image (torch 2.14.1,
+    # CUDA 13): Transformer Engine's CUDA 13 core and its torch extension, compiled there
+    # against the image's torch with --no-build-isolation.
+    "transformer-engine": "transformer-engine[pytorch,core_cu13]==2.20.2",
+    # Serving only: sglang's [all] extra adds diffusion and tracing, not needed here. Every
+    # sglang release pins torch exactly (0.5.23: torch==2.14.1).
+    "sglang": "sglang==0.5.23",
+    "sglang-router": "sglang-router==0.3.2",
 }
+
+# NVIDIA apex is not on PyPI (PyPI's "apex" is another project) and must be compiled
+# against the torch it runs with, so no extra names it: the Dockerfile builds this commit
+# (README, "GPU clusters", says how to build it elsewhere). megatron-core imports it only as
+# a fallback for Transformer Engine's fused kernels.
+APEX_COMMIT = "6424da3b4faa6c8f062da4a48c424fff3f02d42d"
 
 BASE = [
     PINS[name]
@@ -55,7 +64,7 @@ setup(
     install_requires=BASE,
     extras_require={
         "cpu": [PINS["torch"], PINS["megatron-core-cpu"]],
-        "gpu": [PINS["transformer-engine"], PINS["apex"], PINS["sglang"]],
+        "gpu": [PINS["transformer-engine"], PINS["sglang"], PINS["sglang-router"]],
         "dev": [PINS["pytest"], PINS["ruff"]],
     },
     py_modules=["pretrain_rl"],

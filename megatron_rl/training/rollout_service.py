@@ -19,7 +19,12 @@ from collections.abc import Callable
 
 import torch.distributed as dist
 
-from megatron_rl.inference.launcher import start_embedded_servers
+from megatron_rl.inference.launcher import (
+    ServerHandle,
+    start_embedded_servers,
+    start_server_process,
+)
+from megatron_rl.inference.supervisor import ServerSupervisor
 from megatron_rl.rollout.client import RolloutClient, RolloutRequest
 from megatron_rl.rollout.config import RolloutConfig
 from megatron_rl.rollout.types import RolloutSample
@@ -64,6 +69,8 @@ class RolloutService:
         self.weights = WeightSync(engine, run.model, tokenizer, sync_dir, keep=keep_versions)
         """Rank 0 gets the client once it exists (start); the others only export."""
         self.servers = []
+        self.supervisor: ServerSupervisor | None = None
+        """Rank 0, embedded servers: restarts one that dies (see _restart_server)."""
         self.client: RolloutClient | None = None
         self.version: str | None = None
 
@@ -74,7 +81,10 @@ class RolloutService:
         if not urls:
             if self.rank0:
                 self.servers = start_embedded_servers(path, self.config,
-                                                      weight_version=str(version))
+                                                      weight_version=str(version),
+                                                      log_dir=self._server_log_dir())
+                self.supervisor = ServerSupervisor(self.servers, self._restart_server,
+                                                   policy=self.config.on_server_failure)
                 urls = [s.url for s in self.servers]
             urls = _broadcast(urls)
         if self.is_leader:
@@ -95,6 +105,8 @@ class RolloutService:
     def generate(self, requests: list[RolloutRequest], batch_id: str,
                  on_sample: Callable[[RolloutSample], None] | None = None) -> list[RolloutSample]:
         assert self.client is not None, "only data-group leaders generate"
+        if self.supervisor is not None:
+            self.supervisor.check()
         return self.client.generate_batch(requests, batch_id, on_sample=on_sample)
 
     def check_versions(self, samples: list[RolloutSample], policy: str) -> None:
@@ -114,10 +126,42 @@ class RolloutService:
 
     def sync(self, version: int) -> dict[str, float]:
         """Export the updated policy and load it on every server (collective)."""
-        result = self.weights.sync(str(version))
-        self._note(str(version))
-        return {"time/sync_export": result.export_s, "time/sync_update": result.update_s,
-                "sync/megabytes": result.bytes / 1e6}
+        if self.supervisor is None:
+            result = self.weights.sync(str(version))
+            self._note(str(version))
+        else:
+            # A dead server is restarted before the update (not during: the lock), so the
+            # update reaches it and a later restart serves this version.
+            with self.supervisor.lock:
+                self.supervisor.check()
+                result = self.weights.sync(str(version))
+                self._note(str(version))
+        metrics = {"time/sync_export": result.export_s, "time/sync_update": result.update_s,
+                   "sync/megabytes": result.bytes / 1e6}
+        if self.config.embedded:
+            restarts = self.supervisor.restarts if self.supervisor is not None else 0
+            metrics["rollout/server_restarts"] = float(restarts)
+        return metrics
+
+    def _server_log_dir(self) -> str | None:
+        """Embedded servers' logs are kept under --save; without it they are temporary."""
+        save = self.run.checkpoint.save
+        return os.path.join(save, "rollout_server_logs") if save else None
+
+    def _restart_server(self, old: ServerHandle) -> ServerHandle:
+        """A server like ``old`` on its port (the clients keep their URL), serving the
+        policy version the trainer last synced."""
+        version = self.version
+        path = self.weights.path_of(version)
+        if not path.is_dir():
+            raise RuntimeError(f"policy version {version} is not on disk ({path}) to restart from")
+        config = self.config
+        return start_server_process(
+            path, port=int(old.url.rsplit(":", 1)[1]), host=config.host, api_key=config.api_key,
+            dtype=config.dtype, max_batch_size=config.max_batch_size, threads=config.threads,
+            weight_version=version, startup_timeout_s=config.startup_timeout_s,
+            log_dir=self._server_log_dir(),
+        )  # fmt: skip
 
     def _note(self, version: str) -> None:
         self.version = version
@@ -131,6 +175,8 @@ class RolloutService:
         so wait until none is still talking to the servers (after a failure, don't)."""
         if clean and dist.is_initialized():
             dist.barrier()
+        if self.supervisor is not None:
+            self.supervisor.close()
         for server in self.servers:
             server.stop()
         self.servers = []
