@@ -8,6 +8,7 @@ checkpoints -- and never yields an item of the held-out evaluation set.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -60,6 +61,16 @@ class TaskConfig:
                 json.loads(self.task_config)
             except json.JSONDecodeError as exc:
                 raise ConfigError(f"--rl-task-config is not valid JSON: {exc}") from exc
+
+
+# Advantages are float32 in the loss and rewards enter them linearly: far below float32's
+# range, and far above any reward scale in use.
+REWARD_LIMIT = 1e30
+
+
+class RewardError(ValueError):
+    """A reward function's value that is not a usable reward (not a number, NaN, inf,
+    beyond ±REWARD_LIMIT): a bug in the function, which stops the run."""
 
 
 @dataclass(frozen=True)
@@ -116,6 +127,10 @@ class Task:
     def eval_items(self) -> list[TaskItem]:
         return [self._item(self._eval, i) for i in range(len(self._eval))]
 
+    def train_size(self) -> int:
+        """Items in the training set (the stream cycles through them)."""
+        return len(self._train)
+
     def demonstration(self, item: TaskItem) -> str:
         """The answer the cold start imitates for ``item``."""
         if self._teacher is None:
@@ -128,11 +143,26 @@ class Task:
         return answer
 
     def score(self, response: str, item: TaskItem) -> float:
-        """Reward of a response: the user's function or the task's own scorer."""
+        """Reward of a response: the user's function or the task's own scorer.
+
+        Raises :class:`RewardError` for a value that is not a finite number (before
+        --rl-binary-reward could turn NaN into 0 and inf into 1) or lies beyond
+        ±REWARD_LIMIT."""
         if self._reward_fn is not None:
-            score = float(self._reward_fn(response, item))
+            value = self._reward_fn(response, item)
+            source = f"--rl-reward-function {self.config.reward_function}"
         else:
-            score = float(self._score(response.strip(), item.entry))
+            value = self._score(response.strip(), item.entry)
+            source = f"the scorer of --rl-task {self.config.task}"
+        try:
+            score = float(value)
+        except (TypeError, ValueError) as exc:
+            raise RewardError(f"{source} returned {value!r} ({type(value).__name__}) for item "
+                              f"{item.index}: a reward must be a number") from exc
+        if not math.isfinite(score) or (not self.config.binary_reward
+                                        and abs(score) > REWARD_LIMIT):
+            raise RewardError(f"{source} returned {score!r} for item {item.index}: rewards "
+                              f"must be finite numbers within ±{REWARD_LIMIT:g}")
         if self.config.binary_reward:
             return 1.0 if score >= 1.0 else 0.0
         return score
@@ -165,13 +195,9 @@ def _jsonl_task(config: TaskConfig):
                 continue
             try:
                 record = json.loads(line)
-                entries.append({"question": record["prompt"], "answer": str(record["answer"]),
-                                "metadata": record.get("metadata", {})})
-            except (json.JSONDecodeError, KeyError) as exc:
-                raise ConfigError(
-                    f"{config.task} line {line_no}: need a JSON object with 'prompt' and "
-                    f"'answer' ({exc})"
-                ) from exc
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{config.task} line {line_no}: not JSON ({exc})") from exc
+            entries.append(_jsonl_entry(record, f"{config.task} line {line_no}"))
     if len(entries) <= config.eval_size:
         raise ConfigError(
             f"{config.task} has {len(entries)} items, not more than --rl-eval-size "
@@ -184,6 +210,28 @@ def _jsonl_task(config: TaskConfig):
         return 1.0 if response.strip() == entry["answer"].strip() else 0.0
 
     return train, held, exact_match
+
+
+def _jsonl_entry(record: Any, where: str) -> dict[str, Any]:
+    """One JSONL record as a task entry; anything else is refused naming ``where``
+    (a null answer would otherwise become the text "None", a list prompt its repr)."""
+    if not isinstance(record, dict):
+        raise ConfigError(f"{where}: need a JSON object with 'prompt' and 'answer', got a "
+                          f"{type(record).__name__}")
+    missing = [key for key in ("prompt", "answer") if key not in record]
+    if missing:
+        raise ConfigError(f"{where}: no {' or '.join(map(repr, missing))} field")
+    prompt, answer = record["prompt"], record["answer"]
+    if not isinstance(prompt, str) or not prompt:
+        raise ConfigError(f"{where}: 'prompt' must be a non-empty string, got {prompt!r}")
+    if (isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or answer == ""
+            or (isinstance(answer, float) and not math.isfinite(answer))):
+        raise ConfigError(f"{where}: 'answer' must be a non-empty string or a number, got "
+                          f"{answer!r}")
+    metadata = record.get("metadata", {})
+    if not isinstance(metadata, dict):
+        raise ConfigError(f"{where}: 'metadata' must be a JSON object, got {metadata!r}")
+    return {"question": prompt, "answer": str(answer), "metadata": metadata}
 
 
 def load_function(path: str, what: str = "--rl-reward-function") -> Callable:

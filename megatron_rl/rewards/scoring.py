@@ -1,14 +1,16 @@
 """Score rollout samples with the task's reward (reasoning-gym's scorer or a user's).
 
 A scorer that raises on a response (a parse failure) gives reward 0 for that response;
-the failure is counted and logged with the sample, never dropped silently.
+the failure is counted and logged with the sample, never dropped silently. A scorer that
+returns something other than a usable reward (NaN, inf, not a number, beyond
+``REWARD_LIMIT``) has a bug: :class:`RewardError` stops the run, naming the sample.
 """
 
 from __future__ import annotations
 
 import logging
 
-from megatron_rl.data.tasks import Task, TaskItem
+from megatron_rl.data.tasks import RewardError, Task, TaskItem
 from megatron_rl.metrics.stats import Stat
 from megatron_rl.rollout.types import RolloutSample
 
@@ -34,6 +36,9 @@ def score_samples(
         sample.metadata["response_text"] = text
         try:
             sample.reward = float(task.score(text, item))
+        except RewardError as exc:
+            raise RewardError(f"{exc}; sample {sample.request_id}, response "
+                              f"{text[:80]!r}") from exc
         except Exception as exc:  # a user scorer may raise anything on odd text
             failures += 1
             sample.reward = 0.0
