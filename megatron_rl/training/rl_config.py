@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 from megatron_rl.config.flags import ConfigError
@@ -38,6 +38,32 @@ class RLConfig:
     """Exported weight versions kept on disk for the rollout servers."""
     sync_dir: str | None = None
     """Where exported weights go (default: <save>/weights or a temporary directory)."""
+    weight_sync: Literal["disk", "distributed"] | None = None
+    """How the rollout servers get the weights after each step. 'distributed': rank 0
+    gathers the Hugging Face tensors and broadcasts them, in buckets, to every server over a
+    process group (SGLang's /update_weights_from_distributed; NCCL between GPUs, gloo on
+    CPU): nothing is written or read, no file system need be shared, the group is built once
+    (rebuilt when a server restarts); the servers must reach trainer rank 0 over TCP, and
+    SGLang servers with --pp-size > 1 or --dp-size > 1 (without DP attention) are refused
+    (SGLang numbers their ranks rank_offset + tp_rank, so they would collide). 'disk': rank
+    0 writes a Hugging Face checkpoint under --rl-sync-dir and each server loads it
+    (/update_weights_from_disk): needs a directory the servers can read, takes servers of
+    any layout, and keeps each version on disk for a restarted server to reload. Default:
+    distributed with --rl-rollout-url servers (Qwen3-30B-A3B: 61 GB, ~6 s over NCCL against
+    ~49 s through a shared file system, benchmarks/bench_weight_sync.py); disk for the
+    embedded servers, where both take the same time (~0.1 s for the tiny preset)."""
+    weight_sync_bucket_mb: int = 512
+    """Distributed weight sync: megabytes of tensors announced and broadcast per request."""
+    weight_sync_timeout_s: float = field(
+        default=600.0, metadata={"flag": "--rl-weight-sync-timeout"}
+    )
+    """Distributed weight sync: seconds to build the group or finish one bucket."""
+
+    def weight_sync_mode(self, run: RunView) -> Literal["disk", "distributed"]:
+        """--rl-weight-sync, or its default for these servers."""
+        if self.weight_sync is not None:
+            return self.weight_sync
+        return "disk" if run.rollout.embedded else "distributed"
 
     def num_updates(self, global_batch_size: int) -> int:
         mini = self.mini_batch_size or global_batch_size
@@ -68,10 +94,14 @@ class RLConfig:
                 f"{prompts} prompts per rollout batch (--global-batch-size / --rl-group-size) "
                 f"do not split over {dp} data-parallel ranks (groups stay on one rank)"
             )
+        if self.weight_sync_bucket_mb < 1 or self.weight_sync_timeout_s <= 0:
+            raise ConfigError(
+                f"--rl-weight-sync-bucket-mb ({self.weight_sync_bucket_mb}) must be >= 1 and "
+                f"--rl-weight-sync-timeout ({self.weight_sync_timeout_s}) > 0"
+            )
         per_rank = mini // dp if mini % dp == 0 else None
         if per_rank is None or per_rank % run.training.micro_batch_size:
             raise ConfigError(
                 f"--rl-mini-batch-size {mini} must split into data-parallel size {dp} x "
                 f"--micro-batch-size {run.training.micro_batch_size} pieces"
             )
-

@@ -29,6 +29,7 @@ from megatron_rl.rollout.client import RolloutClient, RolloutRequest
 from megatron_rl.rollout.config import RolloutConfig
 from megatron_rl.rollout.types import RolloutSample
 from megatron_rl.training.engine import MegatronEngine
+from megatron_rl.weight_sync.broadcast import DistributedWeightUpdater
 from megatron_rl.weight_sync.sync import WeightSync
 
 logger = logging.getLogger(__name__)
@@ -66,7 +67,15 @@ class RolloutService:
                 self._tmp = tempfile.mkdtemp(prefix="megatron_rl_weights_")
                 sync_dir = self._tmp
         self.sync_dir = sync_dir
-        self.weights = WeightSync(engine, run.model, tokenizer, sync_dir, keep=keep_versions)
+        rl, mode = run.rl, run.rl.weight_sync_mode(run)
+        updater = None
+        if mode == "distributed" and self.rank0:
+            updater = DistributedWeightUpdater(
+                api_key=config.api_key, timeout_s=rl.weight_sync_timeout_s,
+                bucket_bytes=rl.weight_sync_bucket_mb * 1024**2,
+            )  # fmt: skip
+        self.weights = WeightSync(engine, run.model, tokenizer, sync_dir, keep=keep_versions,
+                                  mode=mode, updater=updater)  # fmt: skip
         """Rank 0 gets the client once it exists (start); the others only export."""
         self.servers = []
         self.supervisor: ServerSupervisor | None = None
@@ -76,9 +85,9 @@ class RolloutService:
 
     def start(self, version: int) -> None:
         """Export the current policy, start or update the servers, connect the clients."""
-        path = self.weights.export(str(version))
         urls = list(self.config.urls)
         if not urls:
+            path = self.weights.export(str(version))
             if self.rank0:
                 self.servers = start_embedded_servers(path, self.config,
                                                       weight_version=str(version),
@@ -155,6 +164,8 @@ class RolloutService:
         path = self.weights.path_of(version)
         if not path.is_dir():
             raise RuntimeError(f"policy version {version} is not on disk ({path}) to restart from")
+        if self.weights.updater is not None:
+            self.weights.updater.reset()  # the new process holds no weight-update group
         config = self.config
         return start_server_process(
             path, port=int(old.url.rsplit(":", 1)[1]), host=config.host, api_key=config.api_key,
@@ -168,7 +179,7 @@ class RolloutService:
         if self.client is not None:
             # Leaders other than rank 0 learn of the update here; with the path they can
             # reload it on a server that restarts.
-            self.client.note_weights(version, str(self.weights.path_of(version)))
+            self.client.note_weights(version, self.weights.reload_path(version))
 
     def close(self, clean: bool = True) -> None:
         """Stop the servers this rank started. ``clean``: every rank got here normally,
@@ -177,6 +188,8 @@ class RolloutService:
             dist.barrier()
         if self.supervisor is not None:
             self.supervisor.close()
+        if self.weights.updater is not None:
+            self.weights.updater.close()
         for server in self.servers:
             server.stop()
         self.servers = []

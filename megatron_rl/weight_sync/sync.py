@@ -13,9 +13,11 @@ Disk mode (default): all ranks gather the sharded model to rank 0, which writes 
 Face checkpoint to ``<weights_dir>/v<version>`` (under ``.partial``, renamed when
 complete), calls ``/update_weights_from_disk`` with ``weight_version=version`` and
 ``flush_cache`` on every server, then deletes the oldest version directories beyond
-``keep`` -- never the one the servers last accepted. Distributed mode (GPU): rank 0
-streams the same tensors to the servers through a
-:class:`~megatron_rl.weight_sync.broadcast.DistributedWeightUpdater`, no files.
+``keep`` -- never the one the servers last accepted. Distributed mode: rank 0 gathers the
+same tensors and broadcasts them, in buckets, to every server through a
+:class:`~megatron_rl.weight_sync.broadcast.DistributedWeightUpdater` (SGLang's
+``/update_weights_from_distributed``), no files; the servers are the client's worker URLs
+that are not down, and the group is rebuilt whenever they change or restart.
 
 The outcome is broadcast from rank 0, so every rank returns the same :class:`SyncResult`
 or raises the same :class:`WeightSyncError` (naming the server and its answer). After a
@@ -34,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import httpx
 import torch
 import torch.distributed as dist
 
@@ -61,9 +64,10 @@ class SyncResult:
     path: str | None
     """The checkpoint directory (disk mode), else None."""
     export_s: float
-    """Gathering and writing the weights (distributed mode: gathering and sending)."""
+    """Gathering and writing the weights (distributed mode: gathering them)."""
     update_s: float
-    """The servers loading them (disk mode); distributed mode: the broadcast alone."""
+    """The servers loading them (disk mode); distributed mode: broadcasting them and the
+    servers loading them."""
     total_s: float
     bytes: int
     servers: int
@@ -116,6 +120,8 @@ class WeightSync:
         ``dtype`` casts the exported weights (e.g. bf16 for SGLang)."""
         if keep < 1:
             raise ValueError(f"keep must be >= 1 (the served version), got {keep}")
+        if mode not in ("disk", "distributed"):
+            raise ValueError(f"weight sync mode {mode!r} is not 'disk' or 'distributed'")
         if mode == "distributed" and _rank() == 0 and updater is None:
             raise ValueError("mode='distributed' needs a DistributedWeightUpdater on rank 0")
         self.model, self.model_config, self.tokenizer = model, model_config, tokenizer
@@ -132,6 +138,18 @@ class WeightSync:
 
     def path_of(self, version: str) -> Path:
         return self.weights_dir / f"v{check_version(version)}"
+
+    def reload_path(self, version: str) -> str | None:
+        """The checkpoint of ``version`` if it is on disk (a restarted server can load it);
+        None for a version that only travelled over the network."""
+        path = self.path_of(version)
+        return str(path) if path.is_dir() else None
+
+    def targets(self) -> list[str]:
+        """Rank 0: the servers a distributed update goes to: all of the client's workers,
+        a server the client declared down included -- the updater leaves out those that do
+        not answer, and one that is back (restarted) gets the weights and can rejoin."""
+        return [] if self.client is None else list(self.client.worker_urls)
 
     def export(self, version: str | int) -> str:
         """Collective: write ``<weights_dir>/v<version>``; returns its path on every rank
@@ -193,20 +211,32 @@ class WeightSync:
             for _ in tensors:  # drive the sends of this rank's shards
                 pass
             return None
+        targets = self.targets()
         try:
-            if self.updater.group is None:
-                self.updater.connect()
-            stats = self.updater.push(tensors, version)
-        except RuntimeError as exc:
+            if targets:
+                targets = self.updater.ensure_connected(targets)
+                stats = self.updater.push(tensors, version)
+            else:  # no server to update (no client): the gather still runs everywhere
+                for _ in tensors:
+                    pass
+        except (RuntimeError, ValueError, httpx.HTTPError) as exc:
             for _ in tensors:  # receive the rest, or the other ranks wait in send forever
                 pass
-            return f"weight sync of version {version} over {self.updater.group_name}: {exc}"
+            served = self.version if self.version is not None else "their previous weights"
+            return (
+                f"weight sync of version {version} over {self.updater.group_name} failed: "
+                f"{exc}. Servers that refused keep serving {served}."
+            )
+        if not targets:
+            elapsed = time.perf_counter() - started
+            return SyncResult(version, None, elapsed, 0.0, elapsed, 0, 0)
         if self.client is not None:
             self.client.weight_version = version
         elapsed = time.perf_counter() - started
         return SyncResult(
-            version, None, elapsed, stats.seconds, elapsed, stats.bytes, len(self.updater.urls)
-        )
+            version, None, elapsed - stats.send_seconds, stats.send_seconds, elapsed,
+            stats.bytes, len(targets),
+        )  # fmt: skip
 
     def update_servers(self, path: str, version: str) -> int:
         """Rank 0: ``/update_weights_from_disk`` on every server; returns how many.

@@ -9,28 +9,24 @@ import json
 import httpx
 import pytest
 import torch
-from ws_support import WORKERS
+from ws_support import SERVER_API_KEY, WORKERS
 
 from megatron_rl.model.config import PRESETS
 from megatron_rl.rollout.client import RolloutClient
-from megatron_rl.weight_sync.broadcast import DistributedWeightUpdater
+from megatron_rl.weight_sync.broadcast import (
+    DistributedWeightUpdater,
+    group_requests,
+    server_ranks,
+    update_request,
+)
 from megatron_rl.weight_sync.sync import WeightSync, WeightSyncError, check_version
 
-API_KEY = "weight-sync-test"
+API_KEY = SERVER_API_KEY
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    from megatron_rl.inference.launcher import start_server_process
-    from megatron_rl.weight_sync.hf_config import save_random_checkpoint
-
-    initial = save_random_checkpoint(PRESETS["tiny"], tmp_path_factory.mktemp("served"), seed=0)
-    # fp32, so that the served logprobs can be compared with the trainer's exactly.
-    handle = start_server_process(
-        initial, dtype="fp32", api_key=API_KEY, threads=1, startup_timeout_s=240
-    )
-    yield handle
-    handle.stop()
+def server(rollout_servers):
+    return rollout_servers.handles[0]
 
 
 @pytest.mark.slow
@@ -126,39 +122,52 @@ def test_versions_must_be_plain(bad):
     assert check_version("step-12.1") == "step-12.1"
 
 
-def test_distributed_update_requests():
-    updater = DistributedWeightUpdater(
-        ["http://s1:1/", "http://s2:2"],
-        master_address="10.0.0.1",
-        master_port=2345,
-        server_world_sizes=[2, 4],
-        bucket_bytes=1000,
+def test_distributed_group_ranks_follow_sglang():
+    """A server brings its tp_size ranks at rank_offset (SGLang: rank_offset + tp_rank);
+    layouts whose ranks SGLang would number twice are refused, naming the server."""
+    servers = [
+        server_ranks("http://s1:1", {"tp_size": 2, "pp_size": 1, "dp_size": 1}),
+        # DP attention: the tp ranks span the replicas, each numbered once.
+        server_ranks("http://s2:2", {"tp_size": 4, "dp_size": 2, "enable_dp_attention": True}),
+    ]
+    (u1, b1), (u2, b2) = group_requests(
+        servers, master_address="10.0.0.1", master_port=2345, group_name="g", backend="nccl"
     )
-    assert updater.world_size == 7
-    (u1, b1), (u2, b2) = updater.init_group_requests()
     assert (u1, b1["rank_offset"], b1["world_size"]) == ("http://s1:1", 1, 7)
     assert (u2, b2["rank_offset"], b2["world_size"]) == ("http://s2:2", 3, 7)
     assert b1["master_address"] == "10.0.0.1" and b1["master_port"] == 2345
-    assert b1["backend"] == "nccl" and b1["group_name"] == updater.group_name
+    assert b1["backend"] == "nccl" and b1["group_name"] == "g"
+    with pytest.raises(ValueError, match="http://p:1 runs pp_size 2.*collide"):
+        server_ranks("http://p:1", {"tp_size": 2, "pp_size": 2})
+    with pytest.raises(ValueError, match="http://d:1 runs dp_size 2 without DP attention"):
+        server_ranks("http://d:1", {"tp_size": 4, "dp_size": 2})
+    with pytest.raises(ValueError, match="no tp_size: is it a router"):
+        server_ranks("http://router:1", {"version": "x"})
+
+
+def test_distributed_update_request_body():
     tensors = [("a.weight", torch.zeros(3, 4, dtype=torch.bfloat16)), ("b.weight", torch.zeros(5))]
-    body = updater.update_request(tensors, version="9", last=True)
+    body = update_request(tensors, group_name="g", version="9", last=True)
     assert body["names"] == ["a.weight", "b.weight"]
     assert body["dtypes"] == ["bfloat16", "float32"]
     assert body["shapes"] == [[3, 4], [5]]
     assert body["weight_version"] == "9" and body["flush_cache"] is True
-    middle = updater.update_request(tensors, version="9", last=False)
+    middle = update_request(tensors, group_name="g", version="9", last=False)
     assert "weight_version" not in middle and middle["flush_cache"] is False
 
 
 def test_distributed_update_buckets_in_order():
-    updater = DistributedWeightUpdater(
-        ["http://s:1"], master_address="h", master_port=1, bucket_bytes=100
-    )
+    from types import SimpleNamespace
+
+    updater = DistributedWeightUpdater(bucket_bytes=100)
     sent = []
-    updater._send = lambda bucket, version, last: sent.append(
-        ([n for n, _ in bucket], version, last)
-    )
-    updater.group = object()  # connected (the collective itself is not exercised on CPU)
+
+    def send(bucket, version, last):
+        sent.append(([n for n, _ in bucket], version, last))
+        return 0.0
+
+    updater._send = send
+    updater.group = SimpleNamespace(device=torch.device("cpu"))  # the collective: elsewhere
     tensors = [(f"t{i}", torch.zeros(10)) for i in range(6)]  # 40 bytes each
     stats = updater.push(iter(tensors), "5")
     assert sent == [
@@ -167,6 +176,7 @@ def test_distributed_update_buckets_in_order():
         (["t4", "t5"], "5", True),
     ]
     assert (stats.tensors, stats.bytes, stats.buckets) == (6, 240, 3)
+    assert updater.version == "5"
 
 
 def test_distributed_mode_needs_an_updater(tmp_path):
@@ -199,10 +209,10 @@ def test_distributed_update_with_sglang(tmp_path):
                "--host", "127.0.0.1", "--port", str(port), "--base-gpu-id", "1",
                "--mem-fraction-static", "0.5"]  # fmt: skip
     process = subprocess.Popen(command)
-    updater = DistributedWeightUpdater([url], master_address="127.0.0.1", master_port=free_port())
+    updater = DistributedWeightUpdater(master_address="127.0.0.1")
     try:
         wait_healthy(url, api_key=None, timeout_s=600, process=process)
-        updater.connect()
+        updater.connect([url])
         tensors = {k: v.cuda() for k, v in hf_tensors(second).items()}
         updater.push(iter(sorted(tensors.items())), "7")
         info = httpx.get(f"{url}/get_model_info", timeout=30).json()

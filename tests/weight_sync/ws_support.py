@@ -18,6 +18,7 @@ TESTS = Path(__file__).resolve().parents[1]
 ROOT = TESTS.parent
 WORKERS = TESTS / "workers"
 CONVERTER = ROOT / "tools" / "convert_checkpoint.py"
+SERVER_API_KEY = "weight-sync-test"
 
 
 def run_converter(args: list[str], nproc: int = 1, timeout: int = 300) -> str:
