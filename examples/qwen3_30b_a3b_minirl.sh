@@ -14,10 +14,11 @@
 #                        what the rollout servers serve at the start)
 #   PROMPTS              .jsonl of {"prompt": ..., "answer": ...} (or a reasoning-gym name)
 #   RUN, INIT            checkpoints of this run / the conversion of MODEL_HF
-#   ROLLOUT_URL          where /generate goes: the sglang-router (or one server)
-#   ROLLOUT_WORKER_URLS  the SGLang servers behind it, space-separated: weight updates and
-#                        health checks go to each (the router does not forward them)
-#   ROLLOUT_API_KEY      the servers' API key, if they have one (kept out of `ps`)
+#   ROLLOUT_URL          the sglang-router, or the SGLang servers (space-separated)
+#   ROLLOUT_WORKER_URLS  the SGLang servers behind the router, space-separated: weight
+#                        updates and health checks go to each (the router forwards neither);
+#                        /generate goes to the router with r2/none, to them with r3
+#   ROLLOUT_API_KEY      the servers' API key, if they have one (--rl-rollout-api-key)
 #   N=4, REPLAY          off-policiness and routing replay (default r3 for N >= 4, else r2)
 #   REWARD               module:function(response, item) -> float (default: the task's
 #                        own scorer; a JSONL task scores exact matches)
@@ -33,7 +34,7 @@ N=${N:-4}
 REPLAY=${REPLAY:-$([ "$N" -ge 4 ] && echo r3 || echo r2)}
 MODEL_HF=${MODEL_HF:?HF checkpoint dir of the cold-started policy (tokenizer too)}
 PROMPTS=${PROMPTS:?a .jsonl file of prompts and answers (or a reasoning-gym dataset name)}
-ROLLOUT_URL=${ROLLOUT_URL:?sglang-router URL, e.g. http://rollout-head:30100}
+ROLLOUT_URL=${ROLLOUT_URL:?the sglang-router URL, e.g. http://rollout-0:30100, or the servers}
 read -r -a WORKER_URLS <<< "${ROLLOUT_WORKER_URLS:-}"
 RUN=${RUN:-runs/qwen3_30b_a3b_N${N}_${REPLAY}}
 INIT=${INIT:-runs/qwen3_30b_a3b_init}
@@ -52,7 +53,7 @@ TRAIN=(
     --use-distributed-optimizer
     --save "$RUN" --save-interval 10
     --rl-task "$PROMPTS"
-    --rl-rollout-url "$ROLLOUT_URL" --rl-rollout-concurrency 1024
+    --rl-rollout-concurrency 1024
     --rl-rollout-startup-timeout 1800
     --rl-weight-sync "${WEIGHT_SYNC:-distributed}"
     --rl-objective minirl --routing-replay "$REPLAY" --rl-is-cap 5
@@ -67,8 +68,17 @@ TRAIN=(
     --tensorboard-dir "$RUN/tensorboard" --wandb-project megatron_rl
     --wandb-exp-name "qwen3-30b-a3b-minirl-N${N}-${REPLAY}"
 )
-if [[ ${#WORKER_URLS[@]} -gt 0 ]]; then
-  TRAIN+=(--rl-rollout-worker-urls "${WORKER_URLS[@]}")
+# sglang-router 0.3.2 drops return_routed_experts from the requests it forwards, so R3 (and
+# the trainer-inference router agreement metric) cannot go through it: with r3 the trainer
+# sends /generate to the servers itself and balances them; r2 and none use the router.
+if [[ ${#WORKER_URLS[@]} -eq 0 ]]; then
+  read -r -a GENERATE_URLS <<< "$ROLLOUT_URL"
+  TRAIN+=(--rl-rollout-url "${GENERATE_URLS[@]}")
+elif [[ "$REPLAY" == r3 ]]; then
+  TRAIN+=(--rl-rollout-url "${WORKER_URLS[@]}")
+else
+  TRAIN+=(--rl-rollout-url "$ROLLOUT_URL" --rl-rollout-worker-urls "${WORKER_URLS[@]}"
+          --no-rl-router-agreement)
 fi
 if [[ -n "${REWARD:-}" ]]; then
   TRAIN+=(--rl-reward-function "$REWARD")

@@ -81,10 +81,14 @@ def test_gpu_scripts_dry_run_at_their_world_size(tmp_path):
     """DRY_RUN=1 runs every start-up check of the real launch (one CPU process each, both
     at once) and prints the plan; the conversion the first launch does is announced."""
     runs = {
+        # N = 4 by default: r3, so the trainer generates on the 8 servers themselves.
         "slurm": (["bash", "examples/slurm/qwen3_30b_a3b.sbatch"], 32,
-                  "layout: TP 2, PP 2, VPP 1, CP 1, DP 8, EP 8"),
+                  ["layout: TP 2, PP 2, VPP 1, CP 1, DP 8, EP 8",
+                   "rollout: 8 server URL(s): http://rollout-0:30000, http://rollout-0:30001",
+                   "routed experts requested", "4 update(s) of 1024 responses"]),
         "single": (["bash", "examples/train_single_node_gpu.sh"], 6,
-                   "layout: TP 1, PP 3, VPP 1, CP 1, DP 2, EP 2"),
+                   ["layout: TP 1, PP 3, VPP 1, CP 1, DP 2, EP 2",
+                    "rollout: 1 server URL(s): http://127.0.0.1:30000"]),
     }
     procs = {}
     for name, (cmd, _, _) in runs.items():
@@ -92,12 +96,13 @@ def test_gpu_scripts_dry_run_at_their_world_size(tmp_path):
         procs[name] = subprocess.Popen(cmd, cwd=ROOT, env=_env(tmp_path / name, DRY_RUN="1"),
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                        text=True)
-    for name, (_, world, layout) in runs.items():
+    for name, (_, world, expected) in runs.items():
         out, err = procs[name].communicate(timeout=300)
         assert procs[name].returncode == 0, f"{name}: {err[-3000:]}"
         assert f"world size {world} (--world-size)" in out, out
         assert "configuration: valid" in out
-        assert layout in out, out
+        for text in expected:
+            assert text in out, (text, out)
         assert "tools/convert_checkpoint.py to-megatron --hf" in err, err
 
 
@@ -154,9 +159,12 @@ def test_gpu_trainer_converts_the_hf_checkpoint_once_and_starts_from_it(tmp_path
     assert _flag(args, "--load") == env["INIT"]
     assert _flag(args, "--tokenizer") == env["MODEL_HF"]
     run = parse_launch(args, world_size=32).run  # the real launch's flags, all valid
+    # r2: /generate through the router, control calls to each server; the router drops
+    # routed experts, so the agreement metric (which needs them) is off.
     assert run.rollout.urls == ("http://rollout-0:30100",)
     assert run.rollout.worker_urls == ("http://rollout-0:30000", "http://rollout-0:30001")
     assert run.replay.routing_replay == "r2" and run.training.global_batch_size == 2048
+    assert not run.rl.router_agreement
     # Training and conversion use one layout.
     for flag in ("--tensor-model-parallel-size", "--pipeline-model-parallel-size",
                  "--expert-model-parallel-size", "--context-parallel-size"):
@@ -164,12 +172,18 @@ def test_gpu_trainer_converts_the_hf_checkpoint_once_and_starts_from_it(tmp_path
     # Megatron-LM's defaults are not RL's: the script says what it wants.
     assert (run.training.lr_decay_style, run.training.adam_beta2) == ("constant", 0.98)
 
+    # Once converted, no second conversion. N = 4 means r3: the trainer sends /generate
+    # to the servers themselves (the router would drop the routes R3 replays).
     Path(env["INIT"]).mkdir()
     (Path(env["INIT"]) / "latest_checkpointed_iteration.txt").write_text("0")
     record.unlink()
-    subprocess.run(["bash", "examples/qwen3_30b_a3b_minirl.sh"], cwd=ROOT, env=env, check=True)
+    subprocess.run(["bash", "examples/qwen3_30b_a3b_minirl.sh"], cwd=ROOT,
+                   env={**env, "N": "4"}, check=True)
     (train,) = _launches(record)
-    assert "pretrain_rl.py" in train
+    run = parse_launch(_script_args(train, "pretrain_rl.py"), world_size=32).run
+    assert run.replay.routing_replay == "r3"
+    assert run.rollout.urls == ("http://rollout-0:30000", "http://rollout-0:30001")
+    assert run.rollout.worker_urls == () and run.rl.router_agreement
 
 
 def test_tiny_cpu_script_stages_pass_start_up_checks(tmp_path):
