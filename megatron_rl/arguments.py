@@ -16,7 +16,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from megatron_rl.config.flags import ConfigError, add_config_flags, config_from_flags
+from megatron_rl.config.flags import (
+    ConfigError,
+    add_config_flags,
+    check_finite,
+    config_from_flags,
+)
 from megatron_rl.data.tasks import TaskConfig
 from megatron_rl.distributed import ParallelConfig, planned_world_size, world_size_from_env
 from megatron_rl.loss import ObjectiveConfig
@@ -60,6 +65,8 @@ class RunConfig:
     def validate(self) -> None:
         """Each component checks itself against the whole run (layouts need the model
         and world size, batch arithmetic needs the parallel layout, ...)."""
+        for _, component in self.components():
+            check_finite(component)
         for _, component in self.components():
             component.validate(self)
 

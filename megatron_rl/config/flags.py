@@ -19,6 +19,7 @@ import ast
 import dataclasses
 import functools
 import inspect
+import math
 import textwrap
 import types
 import typing
@@ -134,6 +135,19 @@ def _default_note(field: dataclasses.Field) -> str:
     if field.default is not dataclasses.MISSING:
         return f" (default: {field.default})"
     return ""
+
+
+def check_finite(config: object) -> None:
+    """Refuse NaN and ±inf in every float field of ``config``: none of them means anything
+    there, and NaN passes every comparison a ``validate`` makes (``--lr nan`` is neither
+    <= 0 nor > --min-lr)."""
+    hints = typing.get_type_hints(type(config))
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if (_unwrap_optional(hints[field.name])[0] is float and isinstance(value, float)
+                and not math.isfinite(value)):
+            raise ConfigError(f"{flag_name(field, type(config))} {value}: must be a finite "
+                              "number")
 
 
 def config_from_flags(

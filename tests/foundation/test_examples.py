@@ -263,3 +263,16 @@ def test_scripts_are_executable_where_run_directly():
         if "lib" in script.relative_to(EXAMPLES).parts:
             continue
         assert script.stat().st_mode & stat.S_IXUSR, f"chmod +x {script.relative_to(ROOT)}"
+
+
+def test_demo_driver_uses_existing_flags():
+    import re
+
+    from megatron_rl.arguments import build_parser
+
+    known = {o for action in build_parser()._actions for o in action.option_strings}
+    text = (EXAMPLES / "demo.py").read_text()
+    flags = set(re.findall(r'"(--[a-z][a-z0-9-]*)"', text)) - {
+        "--nproc-per-node", "--master-addr", "--master-port", "--save", "--nproc"}
+    assert flags
+    assert not flags - known, sorted(flags - known)
