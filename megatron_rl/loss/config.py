@@ -18,6 +18,8 @@ from megatron_rl.config.import_path import load_callable
 from megatron_rl.config.run_view import RunView
 
 Correction = Literal["none", "tis", "mis", "icepop"]
+Aggregation = Literal["sum", "length_norm", "token_mean"]
+KLEstimator = Literal["k1", "k2", "k3"]
 
 # Per built-in objective: the training-inference correction that "auto" picks, and the
 # advantage estimator that "auto" picks. The paper's family (minirl*, ppo) carries the
@@ -35,6 +37,21 @@ OBJECTIVE_DEFAULTS: dict[str, tuple[Correction, str]] = {
 # A user objective given as ``module:function`` gets the paper's defaults.
 USER_OBJECTIVE_DEFAULTS: tuple[Correction, str] = ("tis", "group_mean")
 ADVANTAGE_ESTIMATORS = ("group_mean", "group_mean_std")
+# How each built-in objective turns token terms into the mini-batch loss; the reference
+# KL and entropy terms are reduced the same way, so they weigh tokens as the objective
+# does: sum per response / N, (1/|y|) sum per response / N, or sum / T_all.
+OBJECTIVE_AGGREGATION: dict[str, Aggregation] = {
+    "minirl": "sum",
+    "minirl_no_is": "sum",
+    "minirl_length_norm": "length_norm",
+    "ppo": "sum",
+    "reinforce": "sum",
+    "grpo": "length_norm",
+    "gspo": "length_norm",
+    "cispo": "token_mean",
+}
+# A user objective's terms are reduced as the paper's (sum per response, mean over N).
+USER_OBJECTIVE_AGGREGATION: Aggregation = "sum"
 
 
 def is_import_path(name: str) -> bool:
@@ -98,6 +115,21 @@ class ObjectiveConfig:
     for grpo, gspo and cispo, group_mean otherwise."""
     advantage_std_eps: float = 1e-6
     """Added to the group std before dividing (group_mean_std)."""
+    kl_coef: float = 0.0
+    """beta of the reference KL term: the loss gets + beta x the per-token KL estimate
+    (--rl-kl-estimator) of pi_theta against a frozen reference policy (the checkpoint RL
+    started from), reduced over tokens as the objective reduces its own terms. 0 (the
+    paper's, default): no reference model is built. > 0 holds a second copy of the
+    weights (no gradients, no optimiser state) and runs one more forward of each rollout
+    batch; it needs --load (a checkpoint to start from)."""
+    kl_estimator: KLEstimator = "k3"
+    """Per-token estimator of KL(pi_theta || pi_ref), d = log pi_theta - log pi_ref:
+    k1 = d, k2 = d^2 / 2, k3 = exp(-d) - 1 + d (Schulman's; GRPO's and Megatron-LM's,
+    non-negative, low variance). The gradient flows through pi_theta only."""
+    entropy_coef: float = 0.0
+    """Weight of the entropy bonus: the loss gets - this x the entropy of pi_theta over
+    the vocabulary at each response token, reduced as the objective's terms. 0 (the
+    paper's, default): entropy is only reported."""
 
     def correction_in_force(self, objective: str | None = None) -> Correction:
         """The correction in force for ``objective`` (default: the configured one), with
@@ -111,6 +143,15 @@ class ObjectiveConfig:
         if self.advantage_estimator != "auto":
             return self.advantage_estimator
         return _defaults(self.objective)[1]
+
+    def aggregation_in_force(self) -> Aggregation:
+        """How the objective reduces token terms (the regularisers follow it)."""
+        return OBJECTIVE_AGGREGATION.get(self.objective, USER_OBJECTIVE_AGGREGATION)
+
+    @property
+    def uses_reference(self) -> bool:
+        """The loss has a reference KL term: a reference model must be built and run."""
+        return self.kl_coef > 0
 
     def validate(self, run: RunView) -> None:
         name = self.objective
@@ -157,6 +198,20 @@ class ObjectiveConfig:
         if not self.advantage_std_eps >= 0:
             raise ConfigError(
                 f"--rl-advantage-std-eps must be >= 0, got {self.advantage_std_eps}"
+            )
+        _check_nonnegative("--rl-kl-coef", self.kl_coef)
+        _check_nonnegative("--rl-entropy-coef", self.entropy_coef)
+        if self.kl_estimator not in ("k1", "k2", "k3"):
+            raise ConfigError(
+                f"--rl-kl-estimator {self.kl_estimator!r} is unknown; choose k1, k2 or k3"
+            )
+        if self.uses_reference and not run.checkpoint.load:
+            # The reference is the checkpoint RL starts from, reloaded on every resume:
+            # random initial weights are nowhere to reload them from (and a KL pull
+            # towards random weights is no regulariser).
+            raise ConfigError(
+                f"--rl-kl-coef {self.kl_coef} needs --load: the reference policy is the "
+                "checkpoint RL starts from (a cold start), and there is none to load"
             )
 
     def replace(self, **changes) -> ObjectiveConfig:

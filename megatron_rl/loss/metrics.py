@@ -17,12 +17,14 @@ from megatron_rl.loss.tokens import Tokens
 
 # name -> definition; README.md ("Objectives", "Metrics") carries the same table (a test keeps them equal).
 METRICS: dict[str, str] = {
-    "train/loss": "the objective's loss (-J), summed over the pieces of a mini-batch; averaged over mini-batches",
+    "train/loss": "the loss minimised (-J, plus the KL and entropy terms when on), summed over the pieces of a mini-batch; averaged over mini-batches",
     "train/clipfrac": "fraction of tokens clipped (train/clipfrac_low + train/clipfrac_high)",
     "train/clipfrac_low": "fraction of tokens clipped on the low side (A < 0 and ratio < 1 - eps_low; cispo: weight raised to 1 - eps_low)",
     "train/clipfrac_high": "fraction of tokens clipped on the high side (A > 0 and ratio > 1 + eps_high; cispo: weight lowered to 1 + eps_high)",
     "train/staleness_kl": "policy staleness E[log pi_old - log pi_theta] over tokens",
     "train/entropy": "mean token entropy of pi_theta (only when the forward step supplies it)",
+    "train/kl_ref": "KL(pi_theta || pi_ref) to the frozen reference policy: mean over tokens of the --rl-kl-estimator value (only with --rl-kl-coef > 0)",
+    "train/objective_loss": "the objective's own loss, without the KL and entropy terms that train/loss includes (only with --rl-kl-coef or --rl-entropy-coef > 0)",
     "mismatch/kl": "training-inference KL(mu_old || pi_old) estimated as E[log mu_old - log pi_old] over tokens",
     "mismatch/kl_k3": "the same KL with the k3 estimator E[rho - 1 - log rho], rho = pi_old/mu_old",
     "mismatch/abs_logratio_mean": "E|log pi_old - log mu_old| over tokens",

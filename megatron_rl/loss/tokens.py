@@ -33,6 +33,10 @@ class Tokens:
     lengths: torch.Tensor
     """Full response length of each token's response (1 where masked out), float."""
     num_samples: int
+    ref: torch.Tensor | None = None
+    """log pi_ref, detached; 0 where masked out (None when not given)."""
+    entropy: torch.Tensor | None = None
+    """Entropy of pi_theta, keeping its gradient; 0 where masked out (None when not given)."""
 
     def per_sample_sum(self, values: torch.Tensor) -> torch.Tensor:
         """``[num_samples]`` sum over this piece's masked tokens of each response."""
@@ -86,4 +90,6 @@ def prepare(inputs: LossInputs) -> Tokens:
         sample_ids=sample_ids,
         lengths=lengths,
         num_samples=inputs.num_samples,
+        ref=None if inputs.ref_logprobs is None else clean(inputs.ref_logprobs.detach()),
+        entropy=None if inputs.entropy is None else clean(inputs.entropy),
     )

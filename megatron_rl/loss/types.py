@@ -53,7 +53,12 @@ class LossInputs:
     global_num_tokens: int
     """Masked (response) tokens in the whole mini-batch (all pieces, all ranks)."""
     entropy: torch.Tensor | None = None
-    """[T] float, optional: entropy of pi_theta at each position (statistics only)."""
+    """[T] float, optional: entropy of pi_theta over the vocabulary at each position.
+    Statistics only, unless ``ObjectiveConfig.entropy_coef`` > 0: then it is required and
+    the entropy bonus differentiates through it."""
+    ref_logprobs: torch.Tensor | None = None
+    """[T] float, optional: log pi_ref, the frozen reference policy's log-probability
+    (detached). Required when ``ObjectiveConfig.kl_coef`` > 0; ignored otherwise."""
 
 
 @dataclass

@@ -21,6 +21,7 @@ class LossInputError(ValueError):
 
 
 _TOKEN_TENSORS = ("logprobs", "old_logprobs", "rollout_logprobs", "advantages")
+_OPTIONAL_TENSORS = ("entropy", "ref_logprobs")
 
 
 def _check_structure(inputs: LossInputs) -> None:
@@ -30,15 +31,14 @@ def _check_structure(inputs: LossInputs) -> None:
             f"LossInputs.logprobs must be a flat [T] vector, got shape {tuple(lp.shape)}"
         )
     named = [(n, getattr(inputs, n)) for n in (*_TOKEN_TENSORS[1:], "loss_mask", "sample_ids")]
-    if inputs.entropy is not None:
-        named.append(("entropy", inputs.entropy))
+    named += [(n, getattr(inputs, n)) for n in _OPTIONAL_TENSORS if getattr(inputs, n) is not None]
     for name, tensor in named:
         if tensor.shape != lp.shape:
             raise LossInputError(
                 f"LossInputs.{name} has shape {tuple(tensor.shape)} but logprobs has "
                 f"{tuple(lp.shape)}: every per-token tensor must be the same [T] vector"
             )
-    for name in (*_TOKEN_TENSORS, "entropy"):
+    for name in (*_TOKEN_TENSORS, *_OPTIONAL_TENSORS):
         tensor = getattr(inputs, name)
         if tensor is not None and not tensor.is_floating_point():
             raise LossInputError(f"LossInputs.{name} must be floating point, got {tensor.dtype}")
@@ -83,8 +83,7 @@ def validate_inputs(inputs: LossInputs, *, seq_sum: SeqSum | None = None) -> Non
     ids = inputs.sample_ids.long()
     bad_ids = mask & ((ids < 0) | (ids >= num_samples))
     named = [(n, getattr(inputs, n)) for n in _TOKEN_TENSORS]
-    if inputs.entropy is not None:
-        named.append(("entropy", inputs.entropy))
+    named += [(n, getattr(inputs, n)) for n in _OPTIONAL_TENSORS if getattr(inputs, n) is not None]
     nonfinite = [mask & ~torch.isfinite(t.detach()) for _, t in named]
     lengths = inputs.response_lengths.to(mask.device)
     counted = mask & ~bad_ids

@@ -30,6 +30,9 @@ class Batch:
     entropy: torch.Tensor
     token_ids: torch.Tensor
     prev_ids: torch.Tensor
+    ref: torch.Tensor
+    """log pi_ref: a few tenths away from the current policy, so every KL estimator and
+    its gradient differ from 0."""
 
     @property
     def num_samples(self) -> int:
@@ -69,6 +72,7 @@ def make_batch(
         entropy=torch.rand(n, generator=gen, dtype=dtype),
         token_ids=torch.randint(0, vocab, (n,), generator=gen),
         prev_ids=torch.randint(0, vocab, (n,), generator=gen),
+        ref=current_logprobs.detach() - 0.4 * torch.randn(n, generator=gen, dtype=dtype),
     )
 
 
@@ -143,6 +147,12 @@ def split(batch: Batch, name: str) -> list[list[Piece]]:
 SPLITS = ["whole", "micro-2", "micro-4", "cp-2", "cp-4", "micro2xcp2"]
 
 
+def entropy_of(batch: Batch, logprobs: torch.Tensor) -> torch.Tensor:
+    """A stand-in for pi_theta's entropy that depends on ``logprobs`` (positive, with a
+    gradient), so that the entropy bonus's gradient is checked too."""
+    return batch.entropy.to(logprobs.dtype) - 0.5 * logprobs
+
+
 def to_inputs(batch: Batch, piece: Piece, logprobs: torch.Tensor) -> LossInputs:
     """``logprobs`` holds pi_theta of every response token of the batch ([num_tokens])."""
     mask = piece.token_index >= 0
@@ -163,7 +173,8 @@ def to_inputs(batch: Batch, piece: Piece, logprobs: torch.Tensor) -> LossInputs:
         response_lengths=torch.tensor([batch.lengths[s] for s in piece.samples]),
         global_num_samples=batch.num_samples,
         global_num_tokens=batch.num_tokens,
-        entropy=per_token(batch.entropy.to(logprobs.dtype)),
+        entropy=per_token(entropy_of(batch, logprobs)),
+        ref_logprobs=per_token(batch.ref.to(logprobs.dtype)),
     )
 
 

@@ -71,11 +71,30 @@ def test_auto_picks_the_papers_estimator_and_correction(objective):
         (dict(cispo_clip_low=1.0), r"--rl-cispo-clip-low must be in \[0, 1\)"),
         (dict(objective="loss_batches:nothing"), "--rl-objective 'loss_batches:nothing': 'loss_batches' has no attribute"),
         (dict(advantage_estimator="no_such_mod_q:f"), "--rl-advantage-estimator 'no_such_mod_q:f': cannot import"),
+        (dict(kl_coef=-0.1), "--rl-kl-coef must be a finite number >= 0, got -0.1"),
+        (dict(kl_coef=float("nan")), "--rl-kl-coef must be a finite number >= 0, got nan"),
+        (dict(kl_coef=float("inf")), "--rl-kl-coef must be a finite number >= 0, got inf"),
+        (dict(entropy_coef=-1e-3), "--rl-entropy-coef must be a finite number >= 0"),
+        (dict(entropy_coef=float("nan")), "--rl-entropy-coef must be a finite number >= 0"),
+        (dict(kl_estimator="k4"), "--rl-kl-estimator 'k4' is unknown; choose k1, k2 or k3"),
+        # No --load in RunConfig(): a reference policy needs a checkpoint to start from.
+        (dict(kl_coef=0.1), "--rl-kl-coef 0.1 needs --load: the reference policy is the checkpoint"),
     ],
 )
 def test_validate_errors(changes, message):
     with pytest.raises(ConfigError, match=message):
         ObjectiveConfig(**changes).validate(RunConfig())
+
+
+def test_reference_flags():
+    config = parse("--rl-kl-coef", "0.05", "--rl-kl-estimator", "k2", "--rl-entropy-coef", "0.01")
+    assert (config.kl_coef, config.kl_estimator, config.entropy_coef) == (0.05, "k2", 0.01)
+    assert config.uses_reference
+    run = RunConfig()
+    config.validate(run.replace(checkpoint=dataclasses.replace(run.checkpoint, load="/ckpt/cold")))
+    assert not parse().uses_reference and parse().kl_estimator == "k3"
+    with pytest.raises(SystemExit):
+        parse("--rl-kl-estimator", "k4")
 
 
 def test_registry_matches_config_table():

@@ -26,6 +26,8 @@ CONFIGS["gspo_wide+tis@sequence"] = ObjectiveConfig(
     correction="tis", correction_level="sequence", is_cap=2.0,
 )
 CONFIGS["minirl+mis@sequence"] = ObjectiveConfig(correction="mis", correction_level="sequence")
+CONFIGS["grpo+kl_k3+entropy"] = ObjectiveConfig(objective="grpo", kl_coef=0.2, entropy_coef=0.05)
+CONFIGS["cispo+kl_k2"] = ObjectiveConfig(objective="cispo", kl_coef=0.2, kl_estimator="k2")
 
 
 def _setup():

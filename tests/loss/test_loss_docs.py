@@ -33,9 +33,11 @@ def _emitted_metrics() -> set[str]:
     names: set[str] = set()
     lengths = [3, 4, 2]
     batch = make_batch(-torch.rand(sum(lengths), dtype=torch.float64), lengths)
-    for objective in OBJECTIVES:
+    configs = [ObjectiveConfig(objective=objective) for objective in OBJECTIVES]
+    configs.append(ObjectiveConfig(kl_coef=0.1, entropy_coef=0.01))  # the reference terms
+    for config in configs:
         _, stats = run_split(batch, split(batch, "whole"), -torch.rand(9, dtype=torch.float64),
-                             ObjectiveConfig(objective=objective))
+                             config)
         reduced = results(merge_stats(stats))
         names |= set(reduced) | set(derived_metrics(reduced))
     rewards = torch.tensor([1.0, 0.0, 1.0, 1.0])

@@ -8,6 +8,7 @@ rtol 1e-5 / atol 1e-6.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -46,6 +47,16 @@ CONFIGS.update(
         ),
     }
 )
+# The reference KL and the entropy bonus, under each of the three reductions they follow
+# (the objective's: sum per response / N, length-normalised / N, token mean / T_all).
+CONFIGS.update(
+    {
+        f"{name}+kl_{estimator}+entropy": ObjectiveConfig(
+            objective=name, kl_coef=0.2, kl_estimator=estimator, entropy_coef=0.05)
+        for name in ("minirl", "grpo", "cispo")
+        for estimator in ("k1", "k2", "k3")
+    }
+)
 
 
 def _evaluate(config: ObjectiveConfig, split_name: str, dtype: torch.dtype):
@@ -71,7 +82,8 @@ def _assert_stats_close(got: dict, want: dict, rtol: float, atol: float) -> None
 @pytest.mark.parametrize("config_name", list(CONFIGS))
 def test_splits_agree_float64(config_name):
     config = CONFIGS[config_name]
-    config.validate(RunConfig())
+    run = RunConfig()
+    config.validate(run.replace(checkpoint=dataclasses.replace(run.checkpoint, load="ckpt")))
     ref_loss, ref_grad, ref_stats = _evaluate(config, "whole", torch.float64)
     assert torch.isfinite(ref_loss)
     assert ref_grad.abs().sum() > 0, "the batch must produce a gradient to compare"
@@ -82,7 +94,7 @@ def test_splits_agree_float64(config_name):
         _assert_stats_close(stats, ref_stats, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("objective", list(OBJECTIVES))
+@pytest.mark.parametrize("objective", [*OBJECTIVES, "minirl+kl_k3+entropy"])
 def test_splits_agree_float32(objective):
     config = CONFIGS[objective]
     ref_loss, ref_grad, _ = _evaluate(config, "whole", torch.float32)

@@ -20,7 +20,13 @@ import math
 import pytest
 import torch
 
-from megatron_rl.loss import LossInputs, ObjectiveConfig, compute_loss, derived_metrics
+from megatron_rl.loss import (
+    LossInputError,
+    LossInputs,
+    ObjectiveConfig,
+    compute_loss,
+    derived_metrics,
+)
 from megatron_rl.metrics.stats import results
 
 TOKENS = ["a0", "a1", "b0", "b1", "b2"]
@@ -259,3 +265,118 @@ def test_bfloat16_inputs_are_computed_in_float32():
     # Same hand value as test_minirl (bf16 holds these log-probabilities exactly).
     want = -(1 / 2) * (1.0 * 1.1 * A_a * -1.0 + 5.0 * 1.0 * A_b * -1.5 + 0.25 * 1.3 * A_b * -3.0)
     assert float(out.loss.detach()) == pytest.approx(want, rel=1e-5)
+
+
+# Reference KL and entropy terms (loss/regularizers.py), added to reinforce so that the
+# objective's part stays -(1/2) sum_t A lp_t. d_t = log pi_theta - log pi_ref per token:
+D = {"a0": 0.0, "a1": 0.5, "b0": -0.25, "b1": 1.0, "b2": -1.0}
+REINFORCE_LOSS = -(1 / 2) * (A_a * (-1.0 - 2.0) + A_b * (-0.5 - 1.5 - 3.0))
+REINFORCE_GRADS = {t: -(1 / 2) * (A_a if t[0] == "a" else A_b) for t in TOKENS}
+# estimator: (k(d), dk/dd), written out
+KL_ESTIMATORS = {
+    "k1": (lambda d: d, lambda d: 1.0),
+    "k2": (lambda d: d * d / 2, lambda d: d),
+    "k3": (lambda d: math.exp(-d) - 1 + d, lambda d: 1 - math.exp(-d)),
+}
+
+
+def reference_inputs():
+    inputs, leaf = golden_inputs()
+    ref = torch.tensor([-INF if t is None else LP[t] - D[t] for t in LAYOUT], dtype=torch.float64)
+    ref[7] = NAN  # garbage where the mask is False
+    return dataclasses.replace(inputs, ref_logprobs=ref), leaf
+
+
+def run_reference(config: ObjectiveConfig):
+    inputs, leaf = reference_inputs()
+    out = compute_loss(inputs, config)
+    out.loss.backward()
+    grads = {t: float(leaf.grad[i]) for i, t in enumerate(LAYOUT) if t}
+    assert float(leaf.grad[0]) == float(leaf.grad[3]) == float(leaf.grad[7]) == 0.0
+    return float(out.loss.detach()), grads, results(out.stats)
+
+
+@pytest.mark.parametrize("estimator", list(KL_ESTIMATORS))
+def test_reference_kl(estimator):
+    k, dk = KL_ESTIMATORS[estimator]
+    beta = 0.3
+    # Reduced as reinforce reduces its terms: summed per response, averaged over N = 2.
+    kl_loss = beta * (1 / 2) * sum(k(D[t]) for t in TOKENS)
+    loss, grads, stats = run_reference(
+        ObjectiveConfig(objective="reinforce", kl_coef=beta, kl_estimator=estimator))
+    assert loss == pytest.approx(REINFORCE_LOSS + kl_loss, rel=1e-12, abs=1e-12)
+    for t in TOKENS:
+        want = REINFORCE_GRADS[t] + beta * (1 / 2) * dk(D[t])
+        assert grads[t] == pytest.approx(want, rel=1e-12, abs=1e-12), t
+    assert stats["train/kl_ref"] == pytest.approx(sum(k(D[t]) for t in TOKENS) / 5, rel=1e-12)
+    assert stats["train/objective_loss"] == pytest.approx(REINFORCE_LOSS, rel=1e-12)
+    assert stats["train/loss"] == pytest.approx(REINFORCE_LOSS + kl_loss, rel=1e-12)
+
+
+def test_k3_values():
+    # k3 = ref/pi - 1 - log(ref/pi) >= 0, 0 only where pi = ref; k1 takes both signs.
+    k3 = {t: KL_ESTIMATORS["k3"][0](D[t]) for t in TOKENS}
+    assert k3["a0"] == 0.0
+    assert k3["b1"] == pytest.approx(math.exp(-1) - 1 + 1)  # 0.3679
+    assert k3["b2"] == pytest.approx(math.e - 1 - 1)  # 0.7183
+    _, _, stats = run_reference(ObjectiveConfig(objective="reinforce", kl_coef=1.0))
+    assert stats["train/kl_ref"] == pytest.approx(sum(k3.values()) / 5)
+
+
+@pytest.mark.parametrize("objective", ["grpo", "cispo", "minirl"])
+def test_reference_kl_is_reduced_like_the_objective(objective):
+    """grpo: (1/N) sum_i (1/|y_i|) sum_t; cispo: (1/T_all) sum_t; minirl: (1/N) sum_i sum_t."""
+    k, dk = KL_ESTIMATORS["k3"]
+    beta = 0.5
+    base, base_grads, _ = run(ObjectiveConfig(objective=objective))
+    length = {"a": 2, "b": 3}
+    scale = {"grpo": {t: (1 / 2) / length[t[0]] for t in TOKENS},
+             "cispo": dict.fromkeys(TOKENS, 1 / 5),
+             "minirl": dict.fromkeys(TOKENS, 1 / 2)}[objective]
+    loss, grads, _ = run_reference(ObjectiveConfig(objective=objective, kl_coef=beta))
+    assert loss == pytest.approx(base + beta * sum(scale[t] * k(D[t]) for t in TOKENS), rel=1e-12)
+    for t in TOKENS:
+        want = base_grads[t] + beta * scale[t] * dk(D[t])
+        assert grads[t] == pytest.approx(want, rel=1e-12, abs=1e-12), t
+
+
+def test_entropy_bonus():
+    inputs, leaf = golden_inputs()
+    entropy = inputs.entropy.clone().requires_grad_(True)
+    alpha = 0.2
+    out = compute_loss(dataclasses.replace(inputs, entropy=entropy),
+                       ObjectiveConfig(objective="reinforce", entropy_coef=alpha))
+    out.loss.backward()
+    # -alpha x (1/N) sum_i sum_t H_t; prompt/padding entropies (NaN, 3.0, inf) ignored.
+    bonus = -alpha * (1 / 2) * (0.5 + 1.5 + 2.0 + 1.0 + 0.0)
+    assert float(out.loss.detach()) == pytest.approx(REINFORCE_LOSS + bonus, rel=1e-12)
+    for i, t in enumerate(LAYOUT):
+        assert float(entropy.grad[i]) == (-alpha * (1 / 2) if t else 0.0), i
+        if t:
+            assert float(leaf.grad[i]) == pytest.approx(REINFORCE_GRADS[t], rel=1e-12)
+    stats = results(out.stats)
+    assert stats["train/objective_loss"] == pytest.approx(REINFORCE_LOSS)
+    assert "train/kl_ref" not in stats
+
+
+def test_kl_and_entropy_off_by_default():
+    """The paper's setting: no reference term even when reference log-probs are given."""
+    loss, grads, stats = run_reference(ObjectiveConfig(objective="reinforce"))
+    assert loss == pytest.approx(REINFORCE_LOSS, rel=1e-12)
+    assert grads == pytest.approx(REINFORCE_GRADS, rel=1e-12)
+    assert "train/kl_ref" not in stats and "train/objective_loss" not in stats
+
+
+def test_reference_inputs_are_checked():
+    inputs, _ = golden_inputs()
+    with pytest.raises(LossInputError, match="--rl-kl-coef 0.1 needs LossInputs.ref_logprobs"):
+        compute_loss(inputs, ObjectiveConfig(kl_coef=0.1))
+    with pytest.raises(LossInputError, match="--rl-entropy-coef 0.1 needs LossInputs.entropy"):
+        compute_loss(dataclasses.replace(inputs, entropy=None), ObjectiveConfig(entropy_coef=0.1))
+    ref_inputs, _ = reference_inputs()
+    bad = ref_inputs.ref_logprobs.clone()
+    bad[5] = -INF  # b1: a sampled token the reference gives probability 0
+    with pytest.raises(LossInputError, match=r"ref_logprobs\[5\] = -inf \(sample 1\)"):
+        compute_loss(dataclasses.replace(ref_inputs, ref_logprobs=bad), ObjectiveConfig(kl_coef=0.1))
+    with pytest.raises(LossInputError, match="ref_logprobs has shape"):
+        compute_loss(dataclasses.replace(ref_inputs, ref_logprobs=bad[:4]), ObjectiveConfig(kl_coef=0.1))
