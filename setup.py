@@ -65,7 +65,7 @@ setup(
     extras_require={
         "cpu": [PINS["torch"], PINS["megatron-core-cpu"]],
         "gpu": [PINS["transformer-engine"], PINS["sglang"], PINS["sglang-router"]],
-        "dev": [PINS["pytest"], PINS["ruff"]],
+        "dev": [PINS["pytest"], PINS["ruff"], "sglang-router==0.3.2"],  # the router e2e test
     },
     py_modules=["pretrain_rl"],
     entry_points={"console_scripts": ["megatron-rl=pretrain_rl:main"]},

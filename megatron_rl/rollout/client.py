@@ -248,7 +248,7 @@ class RolloutClient:
             on_server_failure=config.on_server_failure,
             return_routed_experts=return_routed_experts,
             progress=config.progress,
-            worker_urls=config.worker_urls if urls is None else None,
+            worker_urls=config.worker_urls,
             startup_timeout_s=config.startup_timeout_s,
         )
 

@@ -173,9 +173,11 @@ async def probe_routed_experts(
         hint = (
             " -- this URL is an sglang-router, which drops the request's "
             "return_routed_experts field (sglang-router 0.3.2 does): for r3 give the servers "
-            "themselves as --rl-rollout-url (the client spreads requests over them)"
+            "themselves as --rl-rollout-url (the client spreads requests over them); "
+            "without r3, --no-rl-router-agreement stops asking for routes"
             if router else ""
         )
         raise RolloutServerError(
-            f"{url}: returns no usable routed experts, which r3 needs: {exc}{hint}"
+            f"{url}: returns no usable routed experts, which r3 (and the router-agreement "
+            f"metric) need: {exc}{hint}"
         ) from None
