@@ -34,6 +34,7 @@ from megatron_rl.training.config import (
     LoggingConfig,
     TrainingConfig,
 )
+from megatron_rl.training.dynamic_sampling import DynamicSamplingConfig
 from megatron_rl.training.rl_config import RLConfig
 
 
@@ -52,6 +53,7 @@ class RunConfig:
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -96,6 +98,7 @@ COMPONENTS: tuple[tuple[str, type, str], ...] = (
     ("evaluation", EvalConfig, "evaluation"),
     ("task", TaskConfig, "task"),
     ("rl", RLConfig, "rl"),
+    ("sampling", DynamicSamplingConfig, "dynamic sampling"),
     ("objective", ObjectiveConfig, "objective"),
     ("replay", ReplayConfig, "replay"),
     ("rollout", RolloutConfig, "rollout"),

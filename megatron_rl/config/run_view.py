@@ -22,6 +22,7 @@ class RunView(Protocol):
     evaluation: Any
     task: Any
     rl: Any
+    sampling: Any
     objective: Any
     replay: Any
     rollout: Any

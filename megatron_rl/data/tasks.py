@@ -35,6 +35,15 @@ class TaskConfig:
     """Held-out items for evaluation (excluded from training)."""
     prompt_template: str = "{question} "
     """Python format string turning an item's question into the prompt."""
+    chat_template: bool = False
+    """Render each prompt (after --rl-prompt-template) as a user turn through the
+    tokenizer's chat template, with the assistant's generation prompt appended
+    (apply_chat_template(..., add_generation_prompt=True)), in rollouts, evaluation and the
+    cold start alike. A tokenizer without a chat template (the tiny preset's 'char') is
+    refused."""
+    enable_thinking: bool = True
+    """With --rl-chat-template: the template's enable_thinking switch (Qwen3: off renders
+    an empty <think></think> block, so the model answers without reasoning)."""
     reward_function: str | None = None
     """A user reward function as module:function(response_text, item) -> float; default is
     the task's own scorer."""
@@ -49,6 +58,10 @@ class TaskConfig:
 
     def validate(self, run: RunView) -> None:
         self.check()
+        if self.chat_template and run.model.tokenizer == "char":
+            raise ConfigError("--rl-chat-template: tokenizer 'char' (the tiny preset's "
+                              "character tokenizer) has no chat template; point --tokenizer "
+                              "at a Hugging Face tokenizer directory that has one")
 
     def check(self) -> None:
         """The task settings' own consistency (no other component needed)."""

@@ -15,6 +15,8 @@ from tokenizers import Tokenizer, decoders
 from tokenizers.models import BPE
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from megatron_rl.config.flags import ConfigError
+
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
 SPECIALS = [PAD, UNK, BOS, EOS]
 # Printable ASCII and newline: every character a reasoning-gym arithmetic prompt uses.
@@ -59,3 +61,47 @@ def load_tokenizer(name_or_dir: str, vocab_size: int) -> PreTrainedTokenizerFast
             f"--vocab-size {vocab_size}"
         )
     return tokenizer
+
+
+class PromptEncoder:
+    """A task prompt's text -> the token ids the policy sees.
+
+    Plain: the text's own ids. With ``chat_template``: the text as one user turn rendered
+    by the tokenizer's chat template with the assistant's generation prompt appended
+    (``apply_chat_template(..., add_generation_prompt=True)``), ``enable_thinking`` passed
+    to the template (Qwen3's switch; templates that do not read it ignore it). Rollouts,
+    evaluation, the cold start and the start-up length check all encode through this, so
+    they see the same prompt."""
+
+    def __init__(self, tokenizer, *, chat_template: bool = False, enable_thinking: bool = True,
+                 tokenizer_name: str = "") -> None:
+        if chat_template and not getattr(tokenizer, "chat_template", None):
+            name = tokenizer_name or getattr(tokenizer, "name_or_path", "") or "?"
+            raise ConfigError(
+                f"--rl-chat-template: tokenizer {name!r} has no chat template (no "
+                f"'chat_template' in its tokenizer_config.json or chat_template.jinja); "
+                f"point --tokenizer at a tokenizer that has one, or drop --rl-chat-template")
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.enable_thinking = enable_thinking
+
+    @classmethod
+    def for_task(cls, tokenizer, task, tokenizer_name: str) -> PromptEncoder:
+        """The encoder a TaskConfig (``--rl-chat-template``, ``--rl-enable-thinking``) asks for."""
+        return cls(tokenizer, chat_template=task.chat_template,
+                   enable_thinking=task.enable_thinking, tokenizer_name=tokenizer_name)
+
+    def __call__(self, text: str) -> list[int]:
+        if not self.chat_template:
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        # return_dict: transformers 5 returns a BatchEncoding here, 4.x a plain list.
+        encoded = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True,
+            return_dict=True, enable_thinking=self.enable_thinking)
+        return list(encoded["input_ids"])
+
+    def many(self, texts: list[str]) -> list[list[int]]:
+        if not self.chat_template:
+            return [list(ids) for ids in
+                    self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        return [self(text) for text in texts]

@@ -25,11 +25,7 @@ def score_samples(
 ) -> dict[str, Stat]:
     """Set ``sample.reward`` for every sample (``items`` maps prompt_index -> item).
 
-    Returns statistics: reward failures, truncated (length-capped) responses and fully
-    correct responses (reward 1; scorers may give partial credit below it)."""
-    failures = 0
-    truncated = 0
-    correct = 0
+    Returns :func:`reward_stats` of the samples."""
     for sample in samples:
         item = items[sample.prompt_index]
         text = tokenizer.decode(sample.response_ids, skip_special_tokens=True)
@@ -40,13 +36,18 @@ def score_samples(
             raise RewardError(f"{exc}; sample {sample.request_id}, response "
                               f"{text[:80]!r}") from exc
         except Exception as exc:  # a user scorer may raise anything on odd text
-            failures += 1
             sample.reward = 0.0
             sample.metadata["reward_error"] = repr(exc)
             logger.warning("reward of %s failed on %r: %r", sample.request_id, text[:80], exc)
-        correct += int(sample.reward >= 1.0)
-        if sample.finish_reason == "length":
-            truncated += 1
+    return reward_stats(samples)
+
+
+def reward_stats(samples: list[RolloutSample]) -> dict[str, Stat]:
+    """Reward failures, truncated (length-capped) responses and fully correct responses
+    (reward 1; scorers may give partial credit below it) among scored ``samples``."""
+    failures = sum(1 for s in samples if "reward_error" in s.metadata)
+    truncated = sum(1 for s in samples if s.finish_reason == "length")
+    correct = sum(1 for s in samples if s.reward is not None and s.reward >= 1.0)
     n = float(len(samples))
     return {
         "rollout/reward_failure_frac": Stat(float(failures), n, "mean"),

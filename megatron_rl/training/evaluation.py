@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from megatron_rl.data.tasks import Task, TaskItem
+from megatron_rl.model.tokenizer import PromptEncoder
 from megatron_rl.training.engine import MegatronEngine
 from megatron_rl.training.generate import greedy_generate
 
@@ -12,10 +13,12 @@ logger = logging.getLogger(__name__)
 
 
 def encode_item(tokenizer, item: TaskItem, with_answer: bool = True,
-                answer_text: str | None = None) -> tuple[list[int], int]:
+                answer_text: str | None = None,
+                encode: PromptEncoder | None = None) -> tuple[list[int], int]:
     """Token ids of prompt (+ answer + eos) and the prompt length; ``answer_text`` replaces
-    the reference answer (a teacher's demonstration)."""
-    prompt = tokenizer(item.prompt, add_special_tokens=False)["input_ids"]
+    the reference answer (a teacher's demonstration); ``encode`` renders the prompt (the
+    run's chat template; default: the plain text)."""
+    prompt = (encode or PromptEncoder(tokenizer))(item.prompt)
     if not with_answer:
         return prompt, len(prompt)
     text = item.answer if answer_text is None else answer_text
@@ -28,7 +31,9 @@ def evaluate(engine: MegatronEngine, task: Task, tokenizer, run) -> dict[str, fl
     items = task.eval_items()
     if not items:
         return {}
-    prompts = [encode_item(tokenizer, item, with_answer=False)[0] for item in items]
+    encode = PromptEncoder.for_task(tokenizer, run.task, run.model.tokenizer)
+    prompts = [encode_item(tokenizer, item, with_answer=False, encode=encode)[0]
+               for item in items]
     outputs = greedy_generate(
         engine, prompts, max_new_tokens=run.evaluation.eval_max_new_tokens,
         eos_id=tokenizer.eos_token_id, micro_batch_size=run.evaluation.eval_micro_batch_size,

@@ -10,6 +10,7 @@ of its pipeline stage), so no rank holds the routes of the whole data-parallel b
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -25,10 +26,13 @@ def shard_prompts(items: list[TaskItem], dp_rank: int, dp_size: int) -> dict[int
     return {i: item for i, item in enumerate(items) if i % dp_size == dp_rank}
 
 
-def build_requests(prompts: dict[int, TaskItem], tokenizer, group_size: int) -> list[RolloutRequest]:
+def build_requests(prompts: dict[int, TaskItem], encode: Callable[[str], list[int]],
+                   group_size: int) -> list[RolloutRequest]:
+    """G requests per prompt; ``encode`` turns a prompt's text into ids (a PromptEncoder:
+    plain, or through the chat template)."""
     requests = []
     for index, item in sorted(prompts.items()):
-        ids = tokenizer(item.prompt, add_special_tokens=False)["input_ids"]
+        ids = encode(item.prompt)
         for j in range(group_size):
             requests.append(RolloutRequest(prompt_index=index, sample_index=j, prompt_ids=ids))
     return requests

@@ -23,11 +23,12 @@ from megatron_rl.loss import ObjectiveConfig, derived_metrics
 from megatron_rl.metrics.progress import RLProgress
 from megatron_rl.metrics.stats import Stat, all_reduce_stats, merge_stats, results
 from megatron_rl.metrics.writer import MetricsWriter
-from megatron_rl.model.tokenizer import load_tokenizer
-from megatron_rl.rewards import score_samples
+from megatron_rl.model.tokenizer import PromptEncoder, load_tokenizer
+from megatron_rl.rewards import reward_stats, score_samples
 from megatron_rl.rollout.config import RolloutConfig
 from megatron_rl.rollout.types import RolloutSample
 from megatron_rl.training import checkpoint as ckpt
+from megatron_rl.training.dynamic_sampling import DynamicSampler
 from megatron_rl.training.engine import MegatronEngine, data_parallel_info
 from megatron_rl.training.evaluation import evaluate
 from megatron_rl.training.rl_config import RLConfig
@@ -94,6 +95,9 @@ class RLLoop:
         self.replay_mode: str = run.replay.routing_replay
         self.tokenizer = load_tokenizer(run.model.tokenizer, run.model.vocab_size)
         self.task = Task(run.task, seed=run.training.seed)
+        self.prompts = PromptEncoder.for_task(self.tokenizer, run.task, run.model.tokenizer)
+        self.sampler = (DynamicSampler(run.sampling, self.rl.group_size)
+                        if run.sampling.filter_groups else None)
         # Routers can always be observed (router agreement); replay itself additionally
         # refuses, at start-up, models under which it cannot be exact.
         self.engine = MegatronEngine(
@@ -157,31 +161,57 @@ class RLLoop:
         self.maybe_save(step)
         return metrics
 
+    def prompts_per_step(self) -> int:
+        return self.run.training.global_batch_size // self.rl.group_size
+
+    def draw_prompts(self, count: int) -> list[TaskItem]:
+        """The stream's next ``count`` items (the same on every rank); the data position
+        saved in checkpoints moves past them."""
+        items, self.state.data_position = self.task.next_items(self.state.data_position, count)
+        return items
+
     def next_prompts(self) -> dict[int, TaskItem]:
         """This data-parallel rank's prompts of the next rollout batch."""
-        prompts_per_step = self.run.training.global_batch_size // self.rl.group_size
-        items, self.state.data_position = self.task.next_items(
-            self.state.data_position, prompts_per_step
-        )
         dp_rank, dp_size = data_parallel_info()
-        return shard_prompts(items, dp_rank, dp_size)
+        return shard_prompts(self.draw_prompts(self.prompts_per_step()), dp_rank, dp_size)
 
     def generate(self, items: dict[int, TaskItem], step: int, record: StepRecord) -> list[RolloutSample]:
-        """Rollout, rewards and advantages on the data group's leader; then shared."""
+        """Rollout, rewards and advantages on the data group's leader (with
+        --rl-filter-groups, over as many rounds as it takes to fill the batch); then shared."""
         t0 = time.perf_counter()
         samples: list[RolloutSample] | None = None
+        if self.sampler is None:
+            if self.is_leader:
+                samples = self.rollout_round(items, step)
+        else:
+            dp_rank, dp_size = data_parallel_info()
+            batch = self.sampler.sample(
+                items, need=len(items), prompts_per_step=self.prompts_per_step(),
+                dp_rank=dp_rank, dp_size=dp_size, is_leader=self.is_leader,
+                generate=lambda round_items: self.rollout_round(round_items, step),
+                draw=self.draw_prompts, exchange=_all_gather)
+            samples = batch.samples
+            record.add_stats(batch.stats)
+            record.scalars.update(batch.scalars)
         if self.is_leader:
-            requests = build_requests(items, self.tokenizer, self.rl.group_size)
-            self.progress.start_rollout(len(requests))
-            samples = self.service.generate(requests, f"step{step}",
-                                            on_sample=lambda _: self.progress.rollout_advance())
-            self.service.check_versions(samples, self.rl.weight_version_check)
-            record.add_stats(score_samples(samples, items, self.task, self.tokenizer))
+            # Everything below describes the batch that reaches the trainer.
+            record.add_stats(reward_stats(samples))
             record.add_stats(_advantages(samples, self.objective))
             record.add_stats(_sample_stats(samples))
         share = RouteShare(self.replay.stage_moe_positions()) if self.want_routes else None
         samples = share_samples(samples, self.group, self.leader, self.members, share)
         record.scalars["time/rollout"] = time.perf_counter() - t0
+        return samples
+
+    def rollout_round(self, items: dict[int, TaskItem], step: int) -> list[RolloutSample]:
+        """One generation round trip for ``items`` (keyed by prompt index in the step),
+        scored. Data-group leaders only."""
+        requests = build_requests(items, self.prompts, self.rl.group_size)
+        self.progress.start_rollout(len(requests))
+        samples = self.service.generate(requests, f"step{step}",
+                                        on_sample=lambda _: self.progress.rollout_advance())
+        self.service.check_versions(samples, self.rl.weight_version_check)
+        score_samples(samples, items, self.task, self.tokenizer)
         return samples
 
     def prepare(self, samples: list[RolloutSample], record: StepRecord):
@@ -321,10 +351,18 @@ def _advantages(samples: list[RolloutSample], objective: ObjectiveConfig) -> dic
     return rollout_stats(rewards, groups, advantages, lengths)
 
 
+def _all_gather(value: Any) -> list[Any]:
+    """Every rank's ``value`` (dynamic sampling's per-round tallies)."""
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def _sample_stats(samples: list[RolloutSample]) -> dict[str, Stat]:
     latency = torch.tensor([s.latency_s for s in samples], dtype=torch.float64)
     stops = torch.tensor([1.0 if s.finish_reason == "stop" else 0.0 for s in samples])
-    return {"rollout/latency_mean": Stat.mean(latency),
+    return {"rollout/num_samples": Stat(float(len(samples)), 1.0, "sum"),
+            "rollout/latency_mean": Stat.mean(latency),
             "rollout/latency_max": Stat.extreme(latency, None, "max"),
             "rollout/stop_frac": Stat.mean(stops)}
 

@@ -19,7 +19,7 @@ from megatron_rl.data.tasks import Task
 from megatron_rl.distributed import init_distributed, is_rank0
 from megatron_rl.metrics.stats import all_reduce_stats, merge_stats, results
 from megatron_rl.metrics.writer import MetricsWriter
-from megatron_rl.model.tokenizer import load_tokenizer
+from megatron_rl.model.tokenizer import PromptEncoder, load_tokenizer
 from megatron_rl.training import checkpoint as ckpt
 from megatron_rl.training.engine import MegatronEngine, data_parallel_info
 from megatron_rl.training.evaluation import encode_item, evaluate
@@ -33,6 +33,8 @@ def run_sft(run: RunConfig) -> dict[str, Any]:
     init_distributed(run.parallel, run.model.num_layers, run.training.seed)
     tokenizer = load_tokenizer(run.model.tokenizer, run.model.vocab_size)
     task = Task(run.task, seed=run.training.seed)
+    # The cold start learns the prompts as RL and evaluation will show them.
+    encode = PromptEncoder.for_task(tokenizer, run.task, run.model.tokenizer)
     engine = MegatronEngine(run.model, run.parallel, run.training)
     step, position = 0, 0
     cp = run.checkpoint
@@ -63,8 +65,8 @@ def run_sft(run: RunConfig) -> dict[str, Any]:
     while step < t.train_iters:
         started = time.perf_counter()
         items, position = task.next_items(position, t.global_batch_size)
-        encoded = [encode_item(tokenizer, item, answer_text=task.demonstration(item))
-                   for item in items]
+        encoded = [encode_item(tokenizer, item, answer_text=task.demonstration(item),
+                               encode=encode) for item in items]
         samples = [Sample(tokens=ids, prompt_len=p, index=i) for i, (ids, p) in enumerate(encoded)]
         mine = samples[dp_rank::dp_size]
         batches, length = split_microbatches(mine, t.micro_batch_size,
