@@ -61,7 +61,10 @@ class RolloutConfig:
     temperature: float = field(default=1.0, metadata={"flag": "--rl-temperature"})
     """Sampling temperature (0 = greedy). SGLang reports mu_old as log softmax(logits /
     temperature), before top-k/top-p truncation: at any temperature other than 1 the trainer
-    must score with logits / temperature too."""
+    must score with logits / temperature too. At start-up a server that reports
+    temperature-1 logprobs (return_original_logprob) is refused at such temperatures, and
+    one that cannot say (SGLang: SGLANG_RETURN_ORIGINAL_LOGPROB is not in /server_info)
+    gets a warning."""
     top_p: float = field(default=1.0, metadata={"flag": "--rl-top-p"})
     """Nucleus sampling mass (1 = off). Truncation is not reflected in mu_old."""
     top_k: int = field(default=-1, metadata={"flag": "--rl-top-k"})
