@@ -9,8 +9,8 @@ distributed path's first sync, which builds the process group, is shown apart.
 
 Modelled: the bytes one sync of Qwen3-30B-A3B moves (bf16, from the preset's shapes) and
 the seconds of both paths at the layouts of examples/qwen3_30b_a3b_minirl.sh (trainer: 4
-nodes x 8 GPUs, TP2 PP2 EP8 CP2) and examples/slurm/qwen3_30b_a3b.sbatch (4 rollout nodes,
-SGLang TP4 x DP2 each), at the bandwidths given by the flags (stated in the output).
+nodes x 8 GPUs, TP2 PP2 EP8) and examples/slurm/qwen3_30b_a3b.sbatch (4 rollout nodes, 2
+SGLang servers of TP4 each), at the bandwidths given by the flags (stated in the output).
 
     python benchmarks/bench_weight_sync.py [--rounds 5] [--servers 2] [--dtype bf16]
 """
@@ -126,8 +126,15 @@ def model_qwen(args) -> None:
             return int(name.split(".")[2]) >= half
         return name != "model.embed_tokens.weight"  # final norm and LM head: last stage
 
-    remote = sum(2 * n for name, n in numel.items() if stage(name))  # other nodes -> rank 0
-    local = total - remote  # stage 0: rank 0's node, over NVLink (rank 0's own share counted)
+    # Megatron puts PP outermost: stage 0 is ranks 0-15 (nodes 0-1), stage 1 ranks 16-31.
+    # Stage 0's experts spread over its 16 ranks (EP8 x expert-TP2): half on node 1.
+    def remote_share(name: str) -> float:
+        if stage(name):
+            return 1.0
+        return 0.5 if ".mlp.experts." in name else 0.0
+
+    remote = sum(2 * n * remote_share(name) for name, n in numel.items())  # to rank 0 over IB
+    local = total - remote  # over NVLink within rank 0's node (its own share counted too)
     gather = remote / (args.ib_gbps * 1e9) + local / (args.nvlink_gbps * 1e9)
     gather += len(shapes) * args.tensor_latency_ms / 1e3
     write = total / (args.fs_write_gbps * 1e9)
@@ -136,20 +143,20 @@ def model_qwen(args) -> None:
     broadcast = total / (args.broadcast_gbps * 1e9) + buckets * args.bucket_overhead_ms / 1e3
     print(f"\nModelled: Qwen3-30B-A3B, one sync moves {total / 1e9:.1f} GB (bf16, {len(shapes)} "
           f"tensors, {sum(numel.values()) / 1e9:.2f} B parameters) out of the trainer")  # fmt: skip
-    print("trainer (examples/qwen3_30b_a3b_minirl.sh): 4 nodes x 8 GPUs, TP2 PP2 EP8 CP2; "
-          f"gathering to rank 0: {remote / 1e9:.1f} GB from the PP stage on other nodes at "
+    print("trainer (examples/qwen3_30b_a3b_minirl.sh): 4 nodes x 8 GPUs, TP2 PP2 EP8; "
+          f"gathering to rank 0: {remote / 1e9:.1f} GB from other nodes at "
           f"{args.ib_gbps} GB/s, {local / 1e9:.1f} GB within its node at {args.nvlink_gbps} GB/s, "
           f"{args.tensor_latency_ms} ms per tensor: {gather:.1f} s (both paths)")  # fmt: skip
-    print("rollout (examples/slurm/qwen3_30b_a3b.sbatch): 4 nodes, SGLang TP4 x DP2 each")
+    print("rollout (examples/slurm/qwen3_30b_a3b.sbatch): 4 nodes, 2 SGLang servers of TP4 "
+          "each: 8 servers, a weight-update group of 1 + 32 ranks")
     print(f"{'path':<12} {'gather':>7} {'move':>7} {'total':>7}  how")
     print(f"{'disk':<12} {gather:>7.1f} {write + read:>7.1f} {gather + write + read:>7.1f}  "
           f"write {total / 1e9:.0f} GB at {args.fs_write_gbps} GB/s, each node reads it at "
           f"{args.fs_read_gbps} GB/s (in parallel)")  # fmt: skip
     print(f"{'distributed':<12} {gather:>7.1f} {broadcast:>7.1f} {gather + broadcast:>7.1f}  "
           f"broadcast at {args.broadcast_gbps} GB/s (NCCL, rank 0's NIC), {buckets} buckets of "
-          f"{args.bucket_mb} MB at {args.bucket_overhead_ms} ms each; needs each DP replica "
-          "as its own server (--tp 4, 2 per node: 8 servers, 33 ranks): SGLang numbers a "
-          "--dp 2 server's replicas alike, so that layout is refused")  # fmt: skip
+          f"{args.bucket_mb} MB at {args.bucket_overhead_ms} ms each (one server of --tp 4 "
+          "--dp 2 per node would be refused: SGLang numbers both replicas' ranks alike)")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
