@@ -24,10 +24,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         launch = parse_launch(argv)
         run = launch.run
+        if not launch.dry_run:  # a dry run checks a launch meant for other machines
+            run.parallel.check_hardware()
         # Before any process group or model: a checkpoint that is missing, damaged or
         # holds more than data is refused in seconds, naming the file.
         source = find_load_source(run.checkpoint, run.stage)
         run.check_initial_weights(source is not None)
+        if run.stage == "rl":
+            from megatron_rl.training.rl_data import check_rollouts_fit
+
+            resumed = source.common if source is not None and source.resume else {}
+            check_rollouts_fit(run, start_step=resumed.get("step", 0),
+                               start_position=resumed.get("data_position", 0))
     except (ConfigError, CheckpointError) as exc:
         print(f"pretrain_rl.py: error: {exc}", file=sys.stderr)
         return 2
