@@ -127,6 +127,10 @@ class ParallelConfig:
             )
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+
+    def check_hardware(self) -> None:
+        """Refuse what this machine cannot run. Kept out of :meth:`validate` because a
+        dry run on a login node validates a launch meant for GPU nodes."""
         if self.context_parallel_size > 1 and not torch.cuda.is_available():
             raise ConfigError(
                 "--context-parallel-size > 1 needs Transformer Engine attention on GPU; "
@@ -188,6 +192,7 @@ def init_distributed(parallel: ParallelConfig, num_layers: int, seed: int) -> No
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
+    parallel.check_hardware()
     cpu_adaptation.activate()
     backend = parallel.distributed_backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl" and not torch.cuda.is_available():

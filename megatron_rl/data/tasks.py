@@ -69,7 +69,10 @@ class TaskConfig:
             raise ConfigError("--rl-prompt-template must contain {question}")
         if self.task_size < 1 or self.eval_size < 0:
             raise ConfigError("--rl-task-size must be >= 1 and --rl-eval-size >= 0")
-        if not self.task.endswith(".jsonl"):
+        if self.task.endswith(".jsonl"):
+            if not os.path.isfile(self.task):
+                raise ConfigError(f"--rl-task {self.task}: no such file")
+        else:
             try:
                 json.loads(self.task_config)
             except json.JSONDecodeError as exc:

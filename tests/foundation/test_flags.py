@@ -50,7 +50,6 @@ def test_preset_then_overrides():
          "--global-batch-size 10 is not divisible"),
         (["--min-lr", "1", "--lr", "0.1"], 1, "--min-lr"),
         (["--model-preset", "nope"], 1, "--model-preset 'nope' is unknown"),
-        (["--context-parallel-size", "2"], 2, "context-parallel-size > 1 needs Transformer Engine"),
         (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage",
           "3"], 2, "not divisible by --num-layers-per-virtual-pipeline-stage"),
         (["--rl-task-config", "{bad"], 1, "--rl-task-config is not valid JSON"),
@@ -252,3 +251,17 @@ def test_recompute_granularity_none_is_not_a_megatron_value(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--recompute-granularity", "sometimes"], world_size=1)
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_hardware_is_checked_at_launch_not_in_the_config():
+    """A login node without GPUs validates (and dry-runs) a CP=2 launch; launching it
+    there is refused with the reason."""
+    import torch
+
+    run = parse_args(["--context-parallel-size", "2"], world_size=2)
+    assert run.parallel.context_parallel_size == 2
+    if torch.cuda.is_available():
+        run.parallel.check_hardware()
+        return
+    with pytest.raises(ConfigError, match="context-parallel-size > 1 needs Transformer Engine"):
+        run.parallel.check_hardware()

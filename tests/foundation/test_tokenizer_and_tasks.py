@@ -75,7 +75,7 @@ def test_bad_task_inputs(tmp_path):
         Task(TaskConfig(task=str(tmp_path / "missing.jsonl")), seed=0)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "x"}\n')
-    with pytest.raises(ConfigError, match="line 1: need a JSON object with 'prompt' and 'answer'"):
+    with pytest.raises(ConfigError, match="bad.jsonl line 1: no 'answer' field"):
         Task(TaskConfig(task=str(bad), eval_size=0), seed=0)
     with pytest.raises(ConfigError, match="unknown_task"):
         Task(TaskConfig(task="unknown_task"), seed=0)
