@@ -31,6 +31,8 @@ class Sample:
     """pi_old per response token [R] (RL, filled by the logprob pass)."""
     rollout_logprobs: torch.Tensor | None = None
     """mu_old per response token [R] (RL)."""
+    ref_logprobs: torch.Tensor | None = None
+    """pi_ref per response token [R] (RL with a reference KL, filled by the reference pass)."""
     routes: torch.Tensor | None = None
     """[P + R - 1, moe_layers, topk] compact routes to replay (R2/R3)."""
     index: int = 0
@@ -68,6 +70,9 @@ class MicroBatch:
     """[B, S, moe_layers, topk] compact, padding filled by data.routes.padding_routes."""
     key: int = 0
     """Identity of the micro-batch within its step (routes are keyed by it)."""
+    ref_logprobs: torch.Tensor | None = None
+    """[B, S] float32 log pi_ref on response tokens (0 elsewhere); None when no sample
+    of the micro-batch carries reference log-probs."""
     global_num_samples: int = 0
     global_num_tokens: int = 0
     extras: dict = field(default_factory=dict)
@@ -125,6 +130,8 @@ def make_microbatch(
     advantages = torch.zeros((B, S), dtype=torch.float32)
     old_lp = torch.zeros((B, S), dtype=torch.float32)
     roll_lp = torch.zeros((B, S), dtype=torch.float32)
+    with_ref = any(s.ref_logprobs is not None for row in rows for s in row)
+    ref_lp = torch.zeros((B, S), dtype=torch.float32) if with_ref else None
     routes = None
     if route_shape is not None:
         layers, topk, experts = route_shape
@@ -157,6 +164,11 @@ def make_microbatch(
                 old_lp[r, resp] = sample.old_logprobs.float()
             if sample.rollout_logprobs is not None:
                 roll_lp[r, resp] = sample.rollout_logprobs.float()
+            if ref_lp is not None:
+                if sample.ref_logprobs is None:
+                    raise ValueError(f"sample {sample.index} has no reference log-probs, "
+                                     "while others of its micro-batch have")
+                ref_lp[r, resp] = sample.ref_logprobs.float()
             if routes is not None:
                 if sample.routes is None:
                     raise ValueError(f"sample {sample.index} has no routes to replay")
@@ -185,6 +197,7 @@ def make_microbatch(
         rollout_logprobs=roll_lp,
         routes=routes,
         key=key,
+        ref_logprobs=ref_lp,
     )
 
 

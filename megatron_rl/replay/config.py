@@ -4,7 +4,8 @@ R2 records the experts the trainer itself picks while it computes pi_old and rep
 them in every gradient update on that batch; R3 replays the experts the inference
 engine picked while generating, in the pi_old pass and in every update. Either way the
 gate weights of the fixed experts are recomputed from the live router logits, so the
-router keeps learning. The reference and evaluation passes always route freely.
+router keeps learning. The reference pass (--rl-kl-coef) routes as the updates do, so
+pi_theta and pi_ref are compared on the same experts; evaluation routes freely.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ PASS_MODES: tuple[str, ...] = ("record", "replay", "observe", "off")
 * ``record``: route freely and keep each MoE layer's top-k per micro-batch (R2 pi_old);
 * ``replay``: use the micro-batch's routes (R3 pi_old, R2/R3 updates);
 * ``observe``: route freely, only compare with the micro-batch's routes (no replay);
-* ``off``: route freely, measure nothing (reference and evaluation passes).
+* ``off``: route freely, measure nothing (evaluation; the reference pass without routes).
 """
 
 
@@ -57,6 +58,21 @@ class ReplayConfig:
         if self.routing_replay == "r2":
             return "record"
         return "observe" if have_rollout_routes else "off"
+
+    def reference_mode(self, have_rollout_routes: bool) -> PassMode:
+        """Mode of the reference pass (--rl-kl-coef > 0), run after the pi_old pass: it
+        uses the experts the updates use, so the KL term compares pi_theta and pi_ref on
+        the same experts -- R3 replays the rollout's routes, R2 the routes the pi_old pass
+        recorded (which the samples then carry); without replay it routes freely, observed
+        against the rollout's routes when there are any."""
+        if self.routing_replay in ("r2", "r3"):
+            return "replay"
+        return "observe" if have_rollout_routes else "off"
+
+    def reference_routes_from(self) -> str:
+        """Whose routes the reference pass is given: the pi_old pass's under R2 (it
+        recorded them over the rollout's), the rollout's otherwise."""
+        return "old_pass" if self.routing_replay == "r2" else "rollout"
 
     def update_mode(self) -> PassMode:
         """Mode of the gradient updates: R2 and R3 replay; without replay the routers

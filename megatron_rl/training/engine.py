@@ -60,14 +60,26 @@ class MegatronEngine:
         routing_replay: bool = False,
         updates_per_step: int = 1,
         build_optimizer: bool = True,
+        frozen: bool = False,
     ) -> None:
+        """``frozen``: a model that is only ever run forward (the reference policy): no
+        gradients, no DDP gradient buffers, no optimiser -- it costs one copy of this
+        rank's weights in their training dtype and nothing else."""
         self.model_config = model_config
         self.parallel = parallel
         self.training = training
+        self.frozen = frozen
         chunks = build_model(
             model_config, parallel, bf16=training.bf16, routing_replay=routing_replay
         )
         self.config = chunks[0].config
+        self.optimizer = None
+        self.scheduler = None
+        if frozen:
+            for chunk in chunks:
+                chunk.requires_grad_(False)
+            self.model: list[torch.nn.Module] = list(chunks)
+            return
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=training.overlap_grad_reduce,
@@ -75,7 +87,7 @@ class MegatronEngine:
             use_distributed_optimizer=training.use_distributed_optimizer,
             check_for_nan_in_grad=False,
         )
-        self.model: list[DistributedDataParallel] = [
+        self.model = [
             DistributedDataParallel(self.config, ddp_config, chunk, disable_bucketing=(i > 0))
             for i, chunk in enumerate(chunks)
         ]
@@ -83,8 +95,6 @@ class MegatronEngine:
         self.config.no_sync_func = [m.no_sync for m in self.model]
         if len(self.model) == 1:
             self.config.no_sync_func = self.config.no_sync_func[0]
-        self.optimizer = None
-        self.scheduler = None
         if build_optimizer:
             self._build_optimizer(updates_per_step)
 
@@ -127,7 +137,7 @@ class MegatronEngine:
     @property
     def chunks(self) -> list[torch.nn.Module]:
         """The unwrapped GPTModel chunks."""
-        return [m.module for m in self.model]
+        return list(self.model) if self.frozen else [m.module for m in self.model]
 
     def train(self, mode: bool = True) -> None:
         for m in self.model:
@@ -178,7 +188,9 @@ class MegatronEngine:
 
         ``loss_of`` extracts a loss value from each micro-batch output for the finiteness
         check (outputs exist on the last pipeline stage only)."""
-        assert self.optimizer is not None and self.scheduler is not None
+        if self.frozen or self.optimizer is None or self.scheduler is None:
+            raise RuntimeError("train_step on an engine without an optimiser (frozen or "
+                               "built with build_optimizer=False)")
         self.train(True)
         for m in self.model:
             m.zero_grad_buffer()

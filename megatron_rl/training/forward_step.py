@@ -69,8 +69,9 @@ def context_parallel_share(batch: MicroBatch) -> MicroBatch:
     cut = {name: split_for_cp(getattr(batch, name), 1, cp, rank)
            for name in ("tokens", "position_ids", "labels", "loss_mask", "sample_ids",
                         "advantages", "old_logprobs", "rollout_logprobs")}
-    if batch.routes is not None:
-        cut["routes"] = split_for_cp(batch.routes, 1, cp, rank)
+    for name in ("routes", "ref_logprobs"):
+        if getattr(batch, name) is not None:
+            cut[name] = split_for_cp(getattr(batch, name), 1, cp, rank)
     # Query rows only: with CP the keys stay whole (Transformer Engine's CP attention).
     cut["attention_mask"] = split_for_cp(batch.attention_mask, 2, cp, rank)
     # The whole micro-batch stays reachable: per-sample results are put back together

@@ -31,6 +31,8 @@ from megatron_rl.training import checkpoint as ckpt
 from megatron_rl.training.dynamic_sampling import DynamicSampler
 from megatron_rl.training.engine import MegatronEngine, data_parallel_info
 from megatron_rl.training.evaluation import evaluate
+from megatron_rl.training.reference import COMMON_KEY as REFERENCE_KEY
+from megatron_rl.training.reference import ReferencePolicy, start_checkpoint
 from megatron_rl.training.rl_config import RLConfig
 from megatron_rl.training.rl_data import (
     RouteShare,
@@ -103,7 +105,14 @@ class RLLoop:
         self.engine = MegatronEngine(
             run.model, run.parallel, run.training, routing_replay=self.replay_mode != "none",
             updates_per_step=self.rl.num_updates(run.training.global_batch_size))
+        # Built before _load: its initialisation draws random numbers, which a resume
+        # then restores past, as an uninterrupted run had.
+        self.reference = ReferencePolicy(run, routing_replay=self.replay_mode != "none") \
+            if self.objective.uses_reference else None
+        self.start_checkpoint: dict[str, Any] | None = None
         self.state = self._load()
+        if self.reference is not None:
+            self.reference.load(self.start_checkpoint)
         self.replay = _make_replay(self.engine, run)
         self.group, self.leader, self.members = data_group()
         self.is_leader = dist.get_rank() == self.leader
@@ -152,6 +161,7 @@ class RLLoop:
         samples = self.generate(items, step, record)
         train_samples = self.prepare(samples, record)
         self.compute_old_logprobs(train_samples, record)
+        self.compute_ref_logprobs(train_samples, record)
         self.update(train_samples, record)
         self.sync_weights(step, record)
         self.state.step = step
@@ -244,6 +254,16 @@ class RLLoop:
         record.add_stats(stats)
         record.scalars["time/logprob"] = time.perf_counter() - t0
 
+    def compute_ref_logprobs(self, samples, record: StepRecord) -> None:
+        """pi_ref of every sample (--rl-kl-coef > 0), after the pi_old pass."""
+        if self.reference is None:
+            return
+        t0 = time.perf_counter()
+        record.add_stats(self.reference.score(samples, self.layout,
+                                              have_rollout_routes=self.want_routes,
+                                              temperature=self.rollout_cfg.temperature))
+        record.scalars["time/reference"] = time.perf_counter() - t0
+
     def update(self, samples, record: StepRecord) -> None:
         t0 = time.perf_counter()
         n = self.rl.num_updates(self.run.training.global_batch_size)
@@ -258,8 +278,9 @@ class RLLoop:
         skipped = 0
         for u, (result, stats) in enumerate(outcomes):
             record.add_stats(stats)
-            if "train/staleness_kl" in stats:
-                record.stats[f"train/staleness_kl/update_{u}"] = stats["train/staleness_kl"]
+            for name in ("train/staleness_kl", "train/kl_ref"):
+                if name in stats:
+                    record.stats[f"{name}/update_{u}"] = stats[name]
             skipped += int(result.skipped)
             record.scalars[f"train/grad_norm/update_{u}"] = result.grad_norm
         record.scalars["train/grad_norm"] = outcomes[-1][0].grad_norm
@@ -298,6 +319,7 @@ class RLLoop:
             ckpt.save_checkpoint(self.engine, cp.save, step, {
                 "stage": "rl", "data_position": self.state.data_position,
                 "policy_version": self.state.policy_version,
+                REFERENCE_KEY: self.start_checkpoint,
             }, keep_last=cp.keep_last)
             if is_rank0():
                 self.tokenizer.save_pretrained(cp.save)
@@ -308,6 +330,7 @@ class RLLoop:
         """Resume an RL run, or start RL from a cold-start (SFT) checkpoint's weights."""
         cp = self.run.checkpoint
         source = ckpt.find_load_source(cp, "rl")
+        self.start_checkpoint = start_checkpoint(source)
         if source is None:
             return LoopState()
         if source.resume:

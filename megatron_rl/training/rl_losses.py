@@ -29,14 +29,15 @@ def _cp_seq_sum():
     return lambda partial: all_reduce(partial, group=group)
 
 
-def old_logprob_pass(temperature: float) -> LossFn:
-    """pi_old of every response token, per sample (index in the mini-batch)."""
+def old_logprob_pass(temperature: float, entropy_stat: str = "logprob/entropy") -> LossFn:
+    """pi_old (or, run on the reference model, pi_ref) of every response token, per
+    sample (index in the mini-batch); the mean entropy is reported as ``entropy_stat``."""
 
     def loss_fn(batch: MicroBatch, logits: torch.Tensor):
         with torch.no_grad():
             entropy = token_entropy(logits, temperature)
             logprobs = token_logprobs(logits, batch.labels, temperature)
-        stats = {"logprob/entropy": Stat.mean(entropy, batch.loss_mask)}
+        stats = {entropy_stat: Stat.mean(entropy, batch.loss_mask)}
         # Under context parallelism each rank scored its chunks: reassemble the rows.
         logprobs, whole = cp_gather(logprobs, batch)
         per_sample = {}
@@ -54,17 +55,28 @@ def policy_loss(config: ObjectiveConfig, temperature: float,
 
     ``old_from_current``: the weights are still those of pi_old (the first update of a
     step), so pi_old is this forward's own log-probs, detached; the pi_old pass's
-    statistic (``logprob/entropy``) is reported from here."""
+    statistic (``logprob/entropy``) is reported from here.
+
+    With ``config.entropy_coef`` > 0 the entropy keeps its gradient (the bonus); with
+    ``config.kl_coef`` > 0 the micro-batch must carry the reference pass's log-probs."""
 
     def loss_fn(batch: MicroBatch, logits: torch.Tensor):
         # Entropy first: megatron's vocab-parallel cross-entropy works in place.
-        entropy = token_entropy(logits, temperature)
+        entropy = token_entropy(logits, temperature, with_grad=config.entropy_coef > 0)
         logprobs = token_logprobs(logits, batch.labels, temperature)
         inputs = policy_inputs(batch, logprobs, entropy)
+        if config.uses_reference:
+            if batch.ref_logprobs is None and batch.num_samples > 0:
+                raise ValueError(
+                    f"--rl-kl-coef {config.kl_coef}: micro-batch {batch.key} carries no "
+                    "reference log-probs (the reference pass must run before the updates)")
+            ref = batch.ref_logprobs if batch.ref_logprobs is not None else \
+                torch.zeros_like(batch.old_logprobs)
+            inputs = dataclasses.replace(inputs, ref_logprobs=ref.flatten())
         extra = {}
         if old_from_current:
             inputs = dataclasses.replace(inputs, old_logprobs=logprobs.detach().flatten())
-            extra["logprob/entropy"] = Stat.mean(entropy, batch.loss_mask)
+            extra["logprob/entropy"] = Stat.mean(entropy.detach(), batch.loss_mask)
         output = compute_loss(inputs, config, seq_sum=_cp_seq_sum())
         return output.loss, {"stats": {**output.stats, **extra}}
 

@@ -23,7 +23,7 @@ from megatron.core import parallel_state as ps
 from megatron_rl.data.packing import MicroBatch, Sample, set_global_counts, split_microbatches
 from megatron_rl.loss import ObjectiveConfig
 from megatron_rl.metrics.stats import Stat, merge_stats
-from megatron_rl.replay.metrics import as_target_agreement
+from megatron_rl.replay.metrics import AGREEMENT, FIDELITY, as_target_agreement
 from megatron_rl.training.engine import MegatronEngine, StepResult
 from megatron_rl.training.forward_step import cp_unsplit, make_forward_step
 from megatron_rl.training.rl_losses import old_logprob_pass, policy_loss
@@ -96,14 +96,64 @@ def old_logprobs(
     ``sample.routes`` with the experts this stage's routers chose (R2). ``carry_routes``:
     the samples hold the rollout's routes, to replay or to compare with (R2 records the
     trainer's own choice and measures its agreement with the rollout's)."""
+    stats = _score(engine, samples, layout, into="old_logprobs", entropy_stat="logprob/entropy",
+                   replay=replay, replay_mode=replay_mode, record_routes=record_routes,
+                   temperature=temperature, carry_routes=carry_routes)
+    if replay is not None and samples:
+        stats.update(replay.stats())
+    return stats
+
+
+def reference_logprobs(
+    reference: MegatronEngine,
+    samples: list[Sample],
+    layout: BatchLayout,
+    *,
+    replay=None,
+    replay_mode: str = "off",
+    routes_from: str = "rollout",
+    temperature: float = 1.0,
+    carry_routes: bool = False,
+) -> dict[str, Stat]:
+    """Fill ``sample.ref_logprobs`` with the frozen reference model's log-probs, routed as
+    ``replay_mode`` says (``ReplayConfig.reference_mode``). Its statistics are named
+    ``ref/*``: ``ref/entropy``, ``ref/replay_fidelity``, and the agreement of the
+    reference's own top-k with the routes the samples carry, ``ref/router_agreement``
+    when ``routes_from`` is 'rollout' (r3, none) or ``ref/target_agreement`` when it is
+    'old_pass' (r2: the routes the pi_old pass recorded)."""
+    stats = _score(reference, samples, layout, into="ref_logprobs", entropy_stat="ref/entropy",
+                   replay=replay, replay_mode=replay_mode, record_routes=False,
+                   temperature=temperature, carry_routes=carry_routes)
+    if replay is not None and samples:
+        stats.update(reference_route_stats(replay.stats(), routes_from))
+    return stats
+
+
+def reference_route_stats(stats: dict[str, Stat], routes_from: str) -> dict[str, Stat]:
+    """A reference pass's router statistics under ``ref/`` names (see reference_logprobs)."""
+    agreement = {"rollout": "ref/router_agreement", "old_pass": "ref/target_agreement"}
+    if routes_from not in agreement:
+        raise ValueError(f"routes_from must be 'rollout' or 'old_pass', got {routes_from!r}")
+    renamed = {}
+    for key, stat in stats.items():
+        if key.startswith(AGREEMENT):
+            renamed[agreement[routes_from] + key[len(AGREEMENT):]] = stat
+        elif key.startswith(FIDELITY):
+            renamed["ref/replay_fidelity" + key[len(FIDELITY):]] = stat
+    return renamed
+
+
+def _score(engine, samples, layout, *, into, entropy_stat, replay, replay_mode,
+           record_routes, temperature, carry_routes) -> dict[str, Stat]:
+    """A forward-only pass that sets ``sample.<into>`` to each sample's log-probs."""
     if replay_mode == "replay" and not carry_routes:
-        raise ValueError("the pi_old pass replays routes only when the samples carry them")
+        raise ValueError("a scoring pass replays routes only when the samples carry them")
     if not samples:
         return {}
     for i, sample in enumerate(samples):
         sample.index = i  # positions in this pass (a caller may pass a tail of the batch)
     batches, length = make_batches(samples, layout, with_routes=carry_routes)
-    forward_step = make_forward_step(old_logprob_pass(temperature), replay)
+    forward_step = make_forward_step(old_logprob_pass(temperature, entropy_stat), replay)
     context = replay.pass_mode(replay_mode) if replay is not None else _null()
     with context:
         outputs = engine.forward_only(forward_step, batches, seq_length=length,
@@ -115,11 +165,8 @@ def old_logprobs(
                     samples[index].routes = recorded[batch.sample_ids == local].contiguous()
     for out in outputs:
         for index, logprobs in out["logprobs"].items():
-            samples[index].old_logprobs = logprobs
-    stats = merge_stats([o["stats"] for o in outputs])
-    if replay is not None:
-        stats.update(replay.stats())
-    return stats
+            setattr(samples[index], into, logprobs)
+    return merge_stats([o["stats"] for o in outputs])
 
 
 def mini_batches(samples: list[Sample], num_updates: int) -> list[list[Sample]]:

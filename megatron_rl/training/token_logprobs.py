@@ -19,13 +19,23 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: floa
     return -vocab_parallel_cross_entropy(scaled, labels)
 
 
-@torch.no_grad()
-def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Entropy of the next-token distribution at each position (statistics only)."""
+def token_entropy(logits: torch.Tensor, temperature: float = 1.0, *,
+                  with_grad: bool = False) -> torch.Tensor:
+    """Entropy of the next-token distribution at each position: statistics only, or
+    ``with_grad`` differentiable (the entropy bonus; the graph then holds a few
+    [..., V/TP] float32 tensors until backward)."""
+    if with_grad:
+        return _entropy(logits, temperature, with_grad=True)
+    with torch.no_grad():
+        return _entropy(logits, temperature, with_grad=False)
+
+
+def _entropy(logits: torch.Tensor, temperature: float, *, with_grad: bool) -> torch.Tensor:
     scaled = logits.float() / temperature
     group = ps.get_tensor_model_parallel_group() if ps.model_parallel_is_initialized() else None
     tp = dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
-    local_max = scaled.max(dim=-1).values
+    # The entropy does not depend on the shift, so the max needs no gradient.
+    local_max = scaled.detach().max(dim=-1).values
     if tp > 1:
         dist.all_reduce(local_max, op=dist.ReduceOp.MAX, group=group)
     shifted = scaled - local_max.unsqueeze(-1)
@@ -33,8 +43,14 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
     sum_exp = exp.sum(dim=-1)
     weighted = (exp * shifted).sum(dim=-1)
     if tp > 1:
-        dist.all_reduce(sum_exp, group=group)
-        dist.all_reduce(weighted, group=group)
+        if with_grad:
+            from torch.distributed.nn.functional import all_reduce
+
+            sum_exp = all_reduce(sum_exp, group=group)
+            weighted = all_reduce(weighted, group=group)
+        else:
+            dist.all_reduce(sum_exp, group=group)
+            dist.all_reduce(weighted, group=group)
     return sum_exp.log() - weighted / sum_exp
 
 
