@@ -31,6 +31,10 @@ QWEN3_STYLE = (
 )
 
 
+# --micro-batch-size has no default (as in Megatron-LM).
+MBS = ["--micro-batch-size", "4"]
+
+
 @pytest.fixture(scope="module")
 def templated(tmp_path_factory):
     """A saved tokenizer directory whose tokenizer carries the template."""
@@ -65,7 +69,7 @@ def test_prompt_ids_are_the_templates_generation_prompt(templated, thinking):
 
 
 def test_rollouts_evaluation_and_cold_start_share_the_template(templated, tmp_path):
-    run = parse_args(["--tokenizer", str(templated), "--rl-chat-template",
+    run = parse_args([*MBS, "--tokenizer", str(templated), "--rl-chat-template",
                       "--no-rl-enable-thinking", "--rl-task", _jsonl(tmp_path / "t.jsonl"),
                       "--rl-eval-size", "2", "--rl-prompt-template", "{question}"],
                      world_size=1)
@@ -89,10 +93,11 @@ def test_rollouts_evaluation_and_cold_start_share_the_template(templated, tmp_pa
 def test_a_tokenizer_without_a_template_is_refused_by_name(tmp_path):
     with pytest.raises(ConfigError, match="--rl-chat-template: tokenizer 'char' .*has no "
                                           "chat template"):
-        parse_args(["--rl-chat-template"], world_size=1)
+        parse_args([*MBS, "--rl-chat-template"], world_size=1)
     build_char_tokenizer(128).save_pretrained(tmp_path)
     # A directory is only read at start-up; the refusal then names it.
-    run = parse_args(["--tokenizer", str(tmp_path), "--rl-chat-template"], world_size=1)
+    run = parse_args([*MBS, "--tokenizer", str(tmp_path), "--rl-chat-template"],
+                     world_size=1)
     tokenizer = load_tokenizer(run.model.tokenizer, run.model.vocab_size)
     with pytest.raises(ConfigError, match=f"--rl-chat-template: tokenizer '{tmp_path}' has "
                                           "no chat template"):

@@ -150,19 +150,23 @@ def test_user_filter_replaces_the_rule_and_must_answer_a_bool():
         _run(Stream(useful=set()), rounds=1, rule=f"{__name__}:not_a_bool")
 
 
+# --micro-batch-size has no default (as in Megatron-LM).
+MBS = ["--micro-batch-size", "4"]
+
+
 def test_flags_and_refusals():
-    run = parse_args(["--rl-filter-groups", "--rl-max-sampling-rounds", "3",
+    run = parse_args([*MBS, "--rl-filter-groups", "--rl-max-sampling-rounds", "3",
                       "--rl-group-filter", f"{__name__}:keep_first_prompt"], world_size=1)
     assert run.sampling == DynamicSamplingConfig(
         filter_groups=True, max_sampling_rounds=3, group_filter=f"{__name__}:keep_first_prompt")
     assert run.sampling.max_prompts_per_step(4) == 12
-    assert parse_args([], world_size=1).sampling.max_prompts_per_step(4) == 4
+    assert parse_args(MBS, world_size=1).sampling.max_prompts_per_step(4) == 4
     with pytest.raises(ConfigError, match="--rl-max-sampling-rounds 0: must be at least 1"):
-        parse_args(["--rl-filter-groups", "--rl-max-sampling-rounds", "0"], world_size=1)
+        parse_args([*MBS, "--rl-filter-groups", "--rl-max-sampling-rounds", "0"], world_size=1)
     with pytest.raises(ConfigError, match="--rl-group-filter .* needs --rl-filter-groups"):
-        parse_args(["--rl-group-filter", f"{__name__}:keep_first_prompt"], world_size=1)
+        parse_args([*MBS, "--rl-group-filter", f"{__name__}:keep_first_prompt"], world_size=1)
     with pytest.raises(ConfigError, match="--rl-group-filter 'nowhere:f': cannot import"):
-        parse_args(["--rl-filter-groups", "--rl-group-filter", "nowhere:f"], world_size=1)
+        parse_args([*MBS, "--rl-filter-groups", "--rl-group-filter", "nowhere:f"], world_size=1)
 
 
 def test_pool_refuses_to_make_a_smaller_batch():
@@ -249,3 +253,24 @@ def test_filtered_run_trains_full_batches_of_useful_groups(coldstart, tmp_path):
         if row["dynamic_sampling/rounds"] < 3:
             assert filled == 0, step
         assert 0.0 <= row["dynamic_sampling/generated_reward_mean"] <= 1.0
+
+
+def test_the_study_tool_passes_the_flags_to_every_run(tmp_path):
+    """tools/study.py ... -- --rl-filter-groups ...: each RL run's command carries them, and
+    pretrain_rl.py's parser accepts that command."""
+    import importlib.util
+    from pathlib import Path
+
+    from megatron_rl.study.settings import run_args
+
+    path = Path(__file__).resolve().parents[2] / "tools" / "study.py"
+    spec = importlib.util.spec_from_file_location("study_tool", path)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    extra = ["--rl-filter-groups", "--rl-max-sampling-rounds", "3"]
+    _, settings, specs = study.parse(["--out", str(tmp_path), "--grid",
+                                      "objectives=minirl n=1 replay=r3", "--", *extra])
+    args = run_args(settings, specs[0], tmp_path / "cold", tmp_path / "run")
+    assert args[-3:] == extra
+    run = parse_args(args, world_size=1)
+    assert (run.sampling.filter_groups, run.sampling.max_sampling_rounds) == (True, 3)
