@@ -14,7 +14,7 @@ from megatron_rl.config.flags import ConfigError
 from megatron_rl.data.tasks import Task
 from megatron_rl.model.tokenizer import PromptEncoder, build_char_tokenizer, load_tokenizer
 from megatron_rl.training.evaluation import encode_item
-from megatron_rl.training.rl_data import build_requests
+from megatron_rl.training.rl_data import build_requests, check_rollouts_fit
 
 # Qwen3's layout: <|im_start|>role\ncontent<|im_end|>\n per message; the generation prompt
 # opens the assistant turn, and enable_thinking=false closes an empty think block at once.
@@ -88,6 +88,25 @@ def test_rollouts_evaluation_and_cold_start_share_the_template(templated, tmp_pa
     full, length = encode_item(tokenizer, item, encode=encode)
     answer = tokenizer(item.answer, add_special_tokens=False)["input_ids"]
     assert full == want + answer + [tokenizer.eos_token_id] and length == len(want)
+
+
+def test_length_check_counts_the_templated_prompt(templated, tmp_path):
+    task = _jsonl(tmp_path / "t.jsonl")
+    base = ["--tokenizer", str(templated), "--rl-task", task, "--rl-eval-size", "1",
+            "--rl-group-size", "2", "--global-batch-size", "2", "--micro-batch-size", "2",
+            "--rl-prompt-template", "{question}", "--rl-max-new-tokens", "8",
+            "--train-iters", "2"]
+    plain = check_rollouts_fit(parse_args(base, world_size=1))
+    overhead = len("<|im_start|>user\n<|im_end|>\n<|im_start|>assistant\n")
+    assert plain == len("0+0=")
+    run = parse_args(base + ["--rl-chat-template"], world_size=1)
+    assert check_rollouts_fit(run) == plain + overhead
+    thinking_off = len("<think>\n\n</think>\n\n")
+    need = plain + overhead + thinking_off + 8 - 1
+    tight = parse_args(base + ["--rl-chat-template", "--no-rl-enable-thinking",
+                               "--seq-length", str(need - 1)], world_size=1)
+    with pytest.raises(ConfigError, match=f"makes {need} input tokens"):
+        check_rollouts_fit(tight)
 
 
 def test_a_tokenizer_without_a_template_is_refused_by_name(tmp_path):
