@@ -16,10 +16,12 @@ from torchrun_launch import ROOT, free_port
 
 # Dynamic sampling draws extra prompts (the weak cold start's groups are mostly all wrong):
 # the resumed run must continue from the data position past them, on both DP ranks.
+# With a reference KL term: the resumed run must reload the cold start as its reference
+# (recorded in the RL checkpoint), not the step-2 policy it resumes from.
 RUN = TINY_RL + ["--expert-model-parallel-size", "2", "--train-iters", "4",
                  "--save-interval", "2", "--routing-replay", "r3",
                  "--rl-mini-batch-size", "8", "--eval-interval", "2", "--rl-rollout-seed", "7",
-                 "--rl-filter-groups", "--rl-max-sampling-rounds", "2"]
+                 "--rl-filter-groups", "--rl-max-sampling-rounds", "2", "--rl-kl-coef", "0.05"]
 # Wall-clock figures differ between runs; everything else must not.
 VOLATILE = ("time/", "rollout/latency", "sync/")
 
@@ -77,6 +79,7 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(coldstart, tmp_pat
     assert sorted(got) == [1, 2, 3, 4]
     assert sum(want[s]["dynamic_sampling/extra_prompts"] for s in (1, 2)) > 0
     for step in (3, 4):
+        assert got[step]["train/kl_ref"] > 0
         assert _stable(got[step]) == _stable(want[step]), f"step {step} differs after resume"
     assert "eval/accuracy" in got[4]
 
