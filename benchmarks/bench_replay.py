@@ -195,8 +195,8 @@ def step_overhead(args) -> None:
 
 
 def route_memory() -> None:
-    from megatron_rl.model.config import preset
     from megatron_rl.data.routes import route_dtype
+    from megatron_rl.model.config import preset
     from megatron_rl.replay.split import (
         moe_layers,
         pipeline_layers,

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import torch
 from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
 
+from megatron_rl.data.routes import route_dtype
 from megatron_rl.replay.binding import RouterSite, drop_from_global_list
 from megatron_rl.replay.chunk_routes import ChunkRoutes
 from megatron_rl.replay.metrics import (
@@ -33,7 +34,6 @@ from megatron_rl.replay.metrics import (
     same_sets,
     used_exactly,
 )
-from megatron_rl.data.routes import route_dtype
 
 
 class ReplayDriver(Protocol):

@@ -26,13 +26,13 @@ def main():
     from replay_common import RouterObserver, expected_map, samples_with_routes
 
     from megatron_rl.data.packing import split_microbatches
+    from megatron_rl.data.routes import RouteError
     from megatron_rl.distributed import ParallelConfig, init_distributed
     from megatron_rl.model import provider
     from megatron_rl.model.config import PRESETS
     from megatron_rl.replay.binding import ReplayBindingError
     from megatron_rl.replay.bound_router import BoundRouterReplay, ReplayError
     from megatron_rl.replay.router_replay import RoutingReplay
-    from megatron_rl.data.routes import RouteError
     from megatron_rl.training.forward_step import make_forward_step
 
     model = PRESETS["tiny"]
