@@ -225,7 +225,7 @@ class RLLoop:
         return samples
 
     def prepare(self, samples: list[RolloutSample], record: StepRecord):
-        advantages = torch.tensor([s.metadata["advantage"] for s in samples], dtype=torch.float32)
+        advantages = torch.tensor([s.advantage for s in samples], dtype=torch.float32)
         train_samples = to_train_samples(samples, advantages)
         if not self.want_routes:
             for s in train_samples:
@@ -369,7 +369,7 @@ def _advantages(samples: list[RolloutSample], objective: ObjectiveConfig) -> dic
     advantages = compute_advantages(rewards, groups, objective.estimator_in_force(),
                                     std_eps=objective.advantage_std_eps)
     for sample, adv in zip(samples, advantages.tolist(), strict=True):
-        sample.metadata["advantage"] = adv
+        sample.advantage = adv
     lengths = torch.tensor([len(s.response_ids) for s in samples], dtype=torch.float64)
     return rollout_stats(rewards, groups, advantages, lengths)
 
