@@ -57,9 +57,11 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache, Qwen3MoeConfig
 
+from megatron_rl.inference import fp8
 from megatron_rl.inference.hf_model import (
     DTYPES,
     RouteCapture,
+    WeightUpdateError,
     load_model,
     load_tokenizer,
 )
@@ -186,10 +188,12 @@ class GenerationEngine:
         original_logprobs: bool = False,
         seed: int | None = None,
         load_tokenizer_files: bool = True,
+        quantization: str | None = None,
     ):
         """``max_batch_size`` is SGLang's ``--max-running-requests``; ``max_total_tokens``
         defaults to ``max_batch_size`` full contexts; ``load_tokenizer_files=False`` is
-        ``--skip-tokenizer-init`` (input_ids only)."""
+        ``--skip-tokenizer-init`` (input_ids only); ``quantization`` is SGLang's
+        ``--quantization`` (``fp8``, ``w8a8_fp8``: FP8 weights, see ``inference.fp8``)."""
         limits = {"max_batch_size": max_batch_size, "max_prefill_tokens": max_prefill_tokens,
                   "max_queued_requests": max_queued_requests}  # fmt: skip
         for name, value in limits.items():
@@ -197,9 +201,15 @@ class GenerationEngine:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+        if quantization is not None and quantization not in fp8.SCHEMES:
+            raise ValueError(f"quantization {quantization!r} is not one of {sorted(fp8.SCHEMES)}")
         self.dtype = DTYPES[dtype]
+        self.quantization = quantization
         self.model_path = str(model_dir)
         self.model = load_model(self.model_path, self.dtype)
+        if quantization is not None:
+            # From here on every load quantizes (the FP8 modules' load_state_dict).
+            fp8.quantize_model(self.model, fp8.SCHEMES[quantization])
         self.config: Qwen3MoeConfig = self.model.config
         self.shape = ModelShape.from_hf_config(self.config)
         self.context_length = context_length or self.config.max_position_embeddings
@@ -326,7 +336,9 @@ class GenerationEngine:
         with self._update_lock:
             new_model = load_model(model_path, self.dtype, reference=self.config)
             version = weight_version if weight_version is not None else self.weight_version
-            swap = _WeightSwap(new_model.state_dict(), str(version), str(model_path), Future())
+            state = new_model.state_dict()
+            self._check_quantizable(state, model_path)
+            swap = _WeightSwap(state, str(version), str(model_path), Future())
             del new_model
             self._enqueue(swap)
             swap.future.result()
@@ -339,6 +351,7 @@ class GenerationEngine:
         the way :meth:`update_weights_from_disk` does: between batches, all at once."""
         with self._update_lock:
             version = weight_version if weight_version is not None else self.weight_version
+            self._check_quantizable(tensors, "the received tensors")
             state = {**self.model.state_dict(), **tensors}
             swap = _WeightSwap(state, str(version), self.model_path, Future())
             self._enqueue(swap)
@@ -363,6 +376,14 @@ class GenerationEngine:
             self._queued_rows = 0
 
     # ---- loading ----------------------------------------------------------------------
+
+    def _check_quantizable(self, state: dict[str, torch.Tensor], source: str) -> None:
+        """FP8: refuse non-finite weights before anything changes (WeightUpdateError)."""
+        if self.quantization is not None:
+            try:
+                fp8.check_weights(self.model, state)
+            except ValueError as exc:
+                raise WeightUpdateError(f"{source}: {exc}") from None
 
     # ---- worker -----------------------------------------------------------------------
 

@@ -124,6 +124,7 @@ def start_server_process(
     host: str = "127.0.0.1",
     api_key: str | None = None,
     dtype: str = "bf16",
+    quantization: str | None = None,
     max_batch_size: int = 32,
     threads: int = 1,
     weight_version: str = "default",
@@ -145,7 +146,9 @@ def start_server_process(
         "--host", host, "--port", str(port), "--dtype", dtype,
         "--max-running-requests", str(max_batch_size), "--threads", str(threads),
         "--weight-version", weight_version, "--parent-pid", str(os.getpid()),
-        "--log-level", "warning", *extra_args,
+        "--log-level", "warning",
+        *(["--quantization", quantization] if quantization not in (None, "none") else []),
+        *extra_args,
     ]  # fmt: skip
     owns_log = log_path is None and log_dir is None
     if log_path is None:
@@ -197,6 +200,7 @@ def start_embedded_servers(
                     host=config.host,
                     api_key=config.api_key,
                     dtype=config.dtype,
+                    quantization=config.quantization,
                     max_batch_size=config.max_batch_size,
                     threads=config.threads,
                     weight_version=weight_version,

@@ -1,11 +1,14 @@
 """Embedded SGLang-compatible rollout server (FastAPI + uvicorn, CPU).
 
     python -m megatron_rl.inference.server --model-path DIR --port P [--host 127.0.0.1]
-        [--dtype bfloat16|float32] [--max-running-requests 32] [--threads 1]
+        [--dtype bfloat16|float32] [--quantization fp8|w8a8_fp8] [--max-running-requests 32]
+        [--threads 1]
 
 It takes ``sglang.launch_server``'s names for what it supports (see :func:`parse_args`), so
 one script can start either engine; flags it cannot honour (``--tp-size 2``,
-``--quantization fp8``, ...) are refused by name. The older ``--model``, ``--dtype bf16``,
+``--quantization awq``, ...) are refused by name. ``--quantization fp8`` and ``w8a8_fp8``
+store the linear and expert weights as FP8 the way SGLang's online quantization does
+(``inference.fp8``). The older ``--model``, ``--dtype bf16``,
 ``--max-batch-size`` and ``--seed`` spellings still work.
 
 Serves a Hugging Face Qwen3-MoE checkpoint directory with the subset of SGLang's HTTP API
@@ -72,6 +75,7 @@ from megatron_rl.inference.engine import (
     QueueFull,
     RequestFuture,
 )
+from megatron_rl.inference.fp8 import SCHEMES
 from megatron_rl.inference.hf_model import WeightUpdateError
 from megatron_rl.inference.launcher import (  # noqa: F401
     API_KEY_ENV,
@@ -429,6 +433,7 @@ def create_app(
             "model_path": engine.model_path,
             "tokenizer_path": engine.tokenizer_path,
             "dtype": str(engine.dtype).removeprefix("torch."),
+            "quantization": engine.quantization,
             "context_length": engine.context_length,
             "max_running_requests": engine.max_batch_size,
             "max_total_tokens": engine.max_total_tokens,
@@ -490,7 +495,6 @@ UNSUPPORTED_FLAGS: dict[str, tuple[str | None, str]] = {
     "--pipeline-parallel-size": ("1", "the embedded server runs one CPU process"),
     "--ep-size": ("1", "the embedded server runs one CPU process (no expert parallelism)"),
     "--expert-parallel-size": ("1", "the embedded server runs one CPU process"),
-    "--quantization": (None, "the embedded server serves bf16 or fp32 weights only"),
     "--kv-cache-dtype": ("auto", "the KV cache is kept in the model's dtype"),
     "--speculative-algorithm": (None, "speculative decoding is not implemented"),
     "--enable-lora": (None, "LoRA adapters are not implemented"),
@@ -501,6 +505,10 @@ UNSUPPORTED_FLAGS: dict[str, tuple[str | None, str]] = {
     "--admin-api-key": (None, "one --api-key covers every endpoint"),
     "--device": ("cpu", "the embedded server runs on the CPU"),
 }
+
+
+QUANTIZATIONS = tuple(SCHEMES)
+"""``--quantization`` methods served (SGLang's names; ``inference.fp8``)."""
 
 
 class FlagError(ValueError):
@@ -543,6 +551,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"require 'Authorization: Bearer KEY' (visible in ps: prefer ${API_KEY_ENV})",
     )
     add("--dtype", choices=sorted(DTYPE_NAMES), default="bfloat16")
+    add(
+        "--quantization",
+        default=None,
+        help="fp8: FP8 linear and expert weights, bf16 activations; w8a8_fp8: FP8 weights "
+        "and per-token FP8 activations (SGLang's online quantization of a bf16 checkpoint; "
+        "router gates, embeddings, lm_head and norms stay bf16)",
+    )
     add(
         "--max-running-requests",
         "--max-batch-size",
@@ -635,6 +650,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.api_key is None:
         args.api_key = os.environ.get(API_KEY_ENV) or None
     args.dtype = DTYPE_NAMES[args.dtype]
+    if args.quantization is not None:
+        if args.quantization not in QUANTIZATIONS:
+            raise FlagError(
+                f"--quantization {args.quantization} is not supported by the embedded server: "
+                f"it emulates {' and '.join(QUANTIZATIONS)} only (FP8 weights quantized at "
+                "load from a bf16 or fp32 checkpoint)"
+            )
+        if args.dtype != "bf16":
+            raise FlagError(
+                f"--quantization {args.quantization} computes in bfloat16 (as SGLang's FP8 "
+                "kernels): drop --dtype float32"
+            )
     return args
 
 
@@ -664,6 +691,7 @@ def main(argv: list[str] | None = None) -> None:
         original_logprobs=args.return_original_logprob,
         seed=args.random_seed,
         load_tokenizer_files=not args.skip_tokenizer_init,
+        quantization=args.quantization,
     )
     app = create_app(engine, api_key=args.api_key, max_body_bytes=args.max_request_bytes)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,

@@ -82,6 +82,13 @@ class RolloutConfig:
     dtype: Literal["bf16", "fp32"] = field(default="bf16", metadata={"flag": "--rl-rollout-dtype"})
     """Embedded server: precision of the served model (bf16 disagrees a little with the fp32
     trainer, as SGLang does with Megatron)."""
+    quantization: Literal["none", "fp8", "w8a8_fp8"] = field(
+        default="none", metadata={"flag": "--rl-rollout-quantization"}
+    )
+    """Embedded server: SGLang's --quantization. fp8: linear and expert weights stored as
+    FP8 e4m3 (per output channel, per expert), bf16 activations; w8a8_fp8: per-channel FP8
+    weights and per-token FP8 activations. Router gates, embeddings, lm_head and norms stay
+    bf16, as in SGLang and Qwen3's FP8 checkpoints. Needs --rl-rollout-dtype bf16."""
     host: str = field(default="127.0.0.1", metadata={"flag": "--rl-rollout-host"})
     """Embedded server: address to listen on."""
     port: int = field(default=0, metadata={"flag": "--rl-rollout-port"})
@@ -153,6 +160,18 @@ class RolloutConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        if self.quantization != "none":
+            if self.urls:
+                raise ConfigError(
+                    f"--rl-rollout-quantization {self.quantization} configures the embedded "
+                    "server, but --rl-rollout-url names external servers: start SGLang with "
+                    f"--quantization {self.quantization} instead"
+                )
+            if self.dtype != "bf16":
+                raise ConfigError(
+                    f"--rl-rollout-quantization {self.quantization} computes in bf16: it needs "
+                    f"--rl-rollout-dtype bf16, not {self.dtype}"
+                )
         if self.port and self.num_servers > 1:
             raise ConfigError(
                 f"--rl-rollout-port {self.port} fixes one port but --rl-rollout-num-servers is "

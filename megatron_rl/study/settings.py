@@ -56,6 +56,9 @@ class StudySettings:
     rollout_dtype: Literal["bf16", "fp32"] = "bf16"
     """Precision of the embedded rollout server (the trainer runs fp32): bf16 makes the
     training-inference discrepancy real, as FP8/BF16 inference does in the paper."""
+    rollout_quantization: Literal["none", "fp8", "w8a8_fp8"] = "none"
+    """FP8 weights in the rollout server (SGLang's --quantization; the paper's rollouts are
+    FP8): fp8 = FP8 weights with bf16 activations, w8a8_fp8 = FP8 activations too."""
     threads: int = 1
     """Torch threads of each trainer and of each rollout server."""
     coldstart_iters: int = 800
@@ -124,6 +127,7 @@ def run_args(s: StudySettings, spec: RunSpec, coldstart: Path, run_dir: Path) ->
         "--save-interval", str(every), "--keep-last", "1",
         "--rl-max-new-tokens", str(s.max_new_tokens), "--rl-temperature", str(s.temperature),
         "--rl-rollout-dtype", s.rollout_dtype, "--rl-rollout-threads", str(s.threads),
+        "--rl-rollout-quantization", s.rollout_quantization,
         "--rl-eval-size", str(s.eval_size),
         "--lr", str(s.lr), "--lr-decay-style", "constant", "--adam-beta2", "0.95",
         "--seed", str(spec.seed), "--rl-rollout-seed", str(spec.seed),

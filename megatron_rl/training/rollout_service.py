@@ -170,8 +170,8 @@ class RolloutService:
         return start_server_process(
             path, port=int(old.url.rsplit(":", 1)[1]), host=config.host, api_key=config.api_key,
             dtype=config.dtype, max_batch_size=config.max_batch_size, threads=config.threads,
-            weight_version=version, startup_timeout_s=config.startup_timeout_s,
-            log_dir=self._server_log_dir(),
+            quantization=config.quantization, weight_version=version,
+            startup_timeout_s=config.startup_timeout_s, log_dir=self._server_log_dir(),
         )  # fmt: skip
 
     def _note(self, version: str) -> None:

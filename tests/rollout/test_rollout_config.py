@@ -47,6 +47,8 @@ def test_flags():
     defaults = parse()
     defaults.validate(RunConfig())
     assert defaults.embedded and defaults.temperature == 1.0 and defaults.host == "127.0.0.1"
+    assert defaults.quantization == "none"
+    assert parse("--rl-rollout-quantization", "w8a8_fp8").quantization == "w8a8_fp8"
 
 
 @pytest.mark.parametrize(
@@ -65,6 +67,8 @@ def test_flags():
         ({"port": 70000}, "--rl-rollout-port"),
         ({"port": 30000, "num_servers": 2}, "--rl-rollout-num-servers"),
         ({"threads": 0}, "--rl-rollout-threads"),
+        ({"quantization": "fp8", "dtype": "fp32"}, "--rl-rollout-quantization fp8 .*bf16"),
+        ({"quantization": "fp8", "urls": ("http://a:1",)}, "start SGLang with --quantization"),
     ],
 )
 def test_validation_names_the_flag(changes, flag):

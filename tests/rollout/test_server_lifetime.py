@@ -36,14 +36,17 @@ def test_sglang_flag_names_and_the_old_spellings():
     assert (old.model_path, old.dtype, old.max_running_requests, old.random_seed) == (
         "m", "fp32", 4, 1)  # fmt: skip
     assert parse_args(["--model-path", "m", "--dtype", "auto"]).dtype == "bf16"
+    assert parse_args(["--model-path", "m", "--quantization=fp8"]).quantization == "fp8"
+    assert parse_args(["--model-path", "m"]).quantization is None
 
 
 @pytest.mark.parametrize(
     "flags, message",
     [
         (["--tp-size", "2"], "--tp-size 2 is not supported by the embedded server: .*tensor"),
-        (["--quantization", "fp8"], "--quantization fp8 is not supported.*bf16 or fp32"),
-        (["--quantization=fp8"], "--quantization fp8 is not supported"),
+        (["--quantization", "awq"], "--quantization awq is not supported.*fp8 and w8a8_fp8"),
+        (["--quantization=gptq"], "--quantization gptq is not supported"),
+        (["--quantization", "fp8", "--dtype", "float32"], "computes in bfloat16"),
         (["--trust-remote-code"], "--trust-remote-code is not supported"),
         (["--frobnicate", "1"], "--frobnicate is not a flag of the embedded server"),
         (["--max-running-requests", "0"], "--max-running-requests must be >= 1"),

@@ -80,6 +80,7 @@ def test_off_policiness_grows_the_rollout_batch_at_a_fixed_budget_of_updates():
         assert _flag(a, "--routing-replay") == "r2"
         assert _flag(a, "--seed") == _flag(a, "--rl-rollout-seed") == "7"
         assert _flag(a, "--rl-rollout-dtype") == "bf16"
+        assert _flag(a, "--rl-rollout-quantization") == "none"
     # Nothing but N's own flags differs between the two runs (nothing tuned per run).
     pairs = {n: _pairs(a) for n, a in args.items()}
     assert pairs[1].keys() == pairs[4].keys()
