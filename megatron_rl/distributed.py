@@ -192,7 +192,6 @@ def init_distributed(parallel: ParallelConfig, num_layers: int, seed: int) -> No
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    parallel.check_hardware()
     cpu_adaptation.activate()
     backend = parallel.distributed_backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl" and not torch.cuda.is_available():
