@@ -47,7 +47,9 @@ def checksums(urls: list[str]) -> list[str]:
 def measure(args) -> dict:
     from megatron_rl.inference.launcher import start_server_process
     from megatron_rl.rollout.client import RolloutClient
+    from megatron_rl.rollout.config import RolloutConfig
     from megatron_rl.weight_sync.broadcast import DistributedWeightUpdater
+    from megatron_rl.weight_sync.hf_config import ModelShape
     from megatron_rl.weight_sync.sync import WeightSync
 
     model, engine = build_engine()
@@ -60,7 +62,8 @@ def measure(args) -> dict:
         ]
         try:
             urls = [s.url for s in servers]
-            client = RolloutClient(urls, model_config=model)
+            client = RolloutClient(RolloutConfig(urls=tuple(urls)),
+                                   ModelShape.from_model_config(model))
             disk.client = client
             updater = DistributedWeightUpdater()
             network = WeightSync(

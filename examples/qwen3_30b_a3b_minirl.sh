@@ -18,7 +18,8 @@
 #   ROLLOUT_WORKER_URLS  the SGLang servers behind the router, space-separated: weight
 #                        updates and health checks go to each (the router forwards neither);
 #                        /generate goes to the router with r2/none, to them with r3
-#   ROLLOUT_API_KEY      the servers' API key, if they have one (--rl-rollout-api-key)
+#   ROLLOUT_API_KEY      the servers' API key, if they have one (handed to the trainer as
+#                        MEGATRON_RL_ROLLOUT_API_KEY, never on its command line)
 #   N=4, REPLAY          off-policiness and routing replay (default r3 for N >= 4, else r2)
 #   REWARD               module:function(response, item) -> float (default: the task's
 #                        own scorer; a JSONL task scores exact matches)
@@ -84,7 +85,9 @@ if [[ -n "${REWARD:-}" ]]; then
   TRAIN+=(--rl-reward-function "$REWARD")
 fi
 if [[ -n "${ROLLOUT_API_KEY:-}" ]]; then
-  TRAIN+=(--rl-rollout-api-key "$ROLLOUT_API_KEY")
+  # The environment, not --rl-rollout-api-key: `ps` shows a command line to every user of
+  # the node, a process's environment only to its owner.
+  export MEGATRON_RL_ROLLOUT_API_KEY="$ROLLOUT_API_KEY"
 fi
 
 # One rendezvous port each for the conversion and the training launch: the conversion's

@@ -198,7 +198,7 @@ def start_embedded_servers(
                     model_dir,
                     port=config.port,
                     host=config.host,
-                    api_key=config.api_key,
+                    api_key=config.resolved_api_key(),
                     dtype=config.dtype,
                     quantization=config.quantization,
                     max_batch_size=config.max_batch_size,

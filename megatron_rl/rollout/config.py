@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import Literal
@@ -13,6 +15,12 @@ from megatron_rl.rollout.protocol import SamplingParams
 TIMEOUT_PER_TOKEN_S = 0.05
 """Least time budget per requested new token: 20 tokens/s, well under what one SGLang
 request decodes even in a busy batch, so only a stuck request runs into the timeout."""
+MAX_BACKOFF_S = 30.0
+"""Cap of the doubling retry backoff."""
+API_KEY_ENV = "MEGATRON_RL_ROLLOUT_API_KEY"
+"""Environment variable with the servers' API key, read when neither --rl-rollout-api-key
+nor --rl-rollout-api-key-file is given (a process's environment is readable by its user
+alone; its command line, by every user of the node)."""
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -31,7 +39,15 @@ class RolloutConfig:
     Required with a router URL (a router is recognised at start-up by its /workers
     listing, and the error names the workers it lists)."""
     api_key: str | None = field(default=None, metadata={"flag": "--rl-rollout-api-key"})
-    """API key of the servers (sent as 'Authorization: Bearer <key>', as SGLang expects)."""
+    """API key of the servers (sent as 'Authorization: Bearer <key>', as SGLang expects).
+    Visible to every user of the node in the process list: prefer --rl-rollout-api-key-file
+    or the environment variable MEGATRON_RL_ROLLOUT_API_KEY. Precedence: this flag, else
+    the file, else the variable (the two flags together are refused)."""
+    api_key_file: str | None = field(
+        default=None, metadata={"flag": "--rl-rollout-api-key-file"}
+    )
+    """File holding the servers' API key (surrounding whitespace ignored). Refused if group
+    or world may read it (chmod 600)."""
     concurrency: int = field(default=64, metadata={"flag": "--rl-rollout-concurrency"})
     """Most sequences in flight at once, over all servers (a grouped /generate counts as
     the samples it carries)."""
@@ -106,6 +122,28 @@ class RolloutConfig:
     """Seconds to wait for every server (embedded or external, and the router) to answer
     /health at start-up; the error names each URL that never did."""
 
+    def backoff_s(self, attempt: int) -> float:
+        """Seconds to wait before retry or probe ``attempt`` (0-based): doubling, capped."""
+        return min(self.retry_backoff_s * 2**attempt, MAX_BACKOFF_S)
+
+    def resolved_api_key(self) -> str | None:
+        """The servers' API key: --rl-rollout-api-key, else --rl-rollout-api-key-file (its
+        contents stripped), else $MEGATRON_RL_ROLLOUT_API_KEY (empty = unset), else None.
+        Raises ConfigError naming the unusable source; never the key itself."""
+        if self.api_key is not None and self.api_key_file is not None:
+            raise ConfigError("--rl-rollout-api-key and --rl-rollout-api-key-file both give the "
+                              "servers' API key: give one")
+        if self.api_key is not None:
+            key, source = self.api_key, "--rl-rollout-api-key"
+        elif self.api_key_file is not None:
+            key = _read_key_file(self.api_key_file).strip()
+            source = f"--rl-rollout-api-key-file {self.api_key_file}"
+        else:
+            key, source = os.environ.get(API_KEY_ENV) or None, f"${API_KEY_ENV}"
+        if key is not None and not key.strip():
+            raise ConfigError(f"{source} is empty")
+        return key
+
     @property
     def generate_timeout_s(self) -> float:
         """Seconds the client waits for one /generate (see ``timeout_s``)."""
@@ -139,8 +177,7 @@ class RolloutConfig:
                 "--rl-rollout-worker-urls names external servers, but --rl-rollout-url is "
                 "empty (the embedded server): give the router or servers with --rl-rollout-url"
             )
-        if self.api_key is not None and not self.api_key.strip():
-            raise ConfigError("--rl-rollout-api-key is empty")
+        self.resolved_api_key()
         checks = [
             (self.concurrency >= 1, f"--rl-rollout-concurrency must be >= 1, got {self.concurrency}"),
             (self.timeout_s > 0, f"--rl-rollout-timeout must be > 0 seconds, got {self.timeout_s}"),
@@ -177,3 +214,20 @@ class RolloutConfig:
                 f"--rl-rollout-port {self.port} fixes one port but --rl-rollout-num-servers is "
                 f"{self.num_servers}: use port 0 (free ports)"
             )
+
+
+def _read_key_file(path: str) -> str:
+    """The contents of an API key file that only its owner may read."""
+    try:
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            raise ConfigError(f"--rl-rollout-api-key-file {path} is not a regular file")
+        if mode & (stat.S_IRGRP | stat.S_IROTH):
+            raise ConfigError(
+                f"--rl-rollout-api-key-file {path} may be read by other users (mode "
+                f"{stat.S_IMODE(mode):o}): chmod 600 {path}"
+            )
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--rl-rollout-api-key-file {path} cannot be read: {exc}") from None

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 import httpx
 
@@ -76,7 +77,8 @@ async def wait_ready(
                     return
                 last[url] = f"HTTP {response.status_code}: {response.text[:200]}"
                 if response.status_code in (401, 403):
-                    refused[url] = f"{last.pop(url)} (check --rl-rollout-api-key)"
+                    refused[url] = (f"{last.pop(url)} (check the API key: --rl-rollout-api-key, "
+                                    "--rl-rollout-api-key-file or $MEGATRON_RL_ROLLOUT_API_KEY)")
                     return  # up, and waiting will not change the key
             except httpx.HTTPError as exc:
                 last[url] = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
@@ -150,6 +152,21 @@ async def health_all(http: httpx.AsyncClient, urls: list[str]) -> dict[str, bool
             return False
 
     return dict(zip(urls, await asyncio.gather(*(ok(u) for u in urls)), strict=True))
+
+
+async def probe_health(
+    http: httpx.AsyncClient, url: str, attempts: int, backoff: Callable[[int], float]
+) -> bool:
+    """Whether ``url`` answers ``/health`` within ``attempts`` probes (at least one), each
+    after its ``backoff(attempt)`` seconds."""
+    for attempt in range(max(attempts, 1)):
+        await asyncio.sleep(backoff(attempt))
+        try:
+            if (await http.get(f"{url}/health", timeout=5.0)).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+    return False
 
 
 async def reload_if_stale(

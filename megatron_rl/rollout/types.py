@@ -1,4 +1,5 @@
-"""The record of one generated response, as it travels from rollout to the loss."""
+"""The records of rollout: a response to generate, and the generated response as it travels
+from rollout to the loss."""
 
 from __future__ import annotations
 
@@ -6,6 +7,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+
+@dataclass(kw_only=True)
+class RolloutRequest:
+    """One response to generate: which prompt, which sample of its group, the prompt ids."""
+
+    prompt_index: int
+    sample_index: int
+    prompt_ids: list[int]
+    metadata: dict[str, Any] = field(default_factory=dict)
+    """Task data, copied into the sample."""
 
 
 @dataclass(kw_only=True)

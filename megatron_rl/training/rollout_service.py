@@ -25,11 +25,12 @@ from megatron_rl.inference.launcher import (
     start_server_process,
 )
 from megatron_rl.inference.supervisor import ServerSupervisor
-from megatron_rl.rollout.client import RolloutClient, RolloutRequest
+from megatron_rl.rollout.client import RolloutClient
 from megatron_rl.rollout.config import RolloutConfig
-from megatron_rl.rollout.types import RolloutSample
+from megatron_rl.rollout.types import RolloutRequest, RolloutSample
 from megatron_rl.training.engine import MegatronEngine
 from megatron_rl.weight_sync.broadcast import DistributedWeightUpdater
+from megatron_rl.weight_sync.hf_config import ModelShape
 from megatron_rl.weight_sync.sync import WeightSync
 
 logger = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ class RolloutService:
         updater = None
         if mode == "distributed" and self.rank0:
             updater = DistributedWeightUpdater(
-                api_key=config.api_key, timeout_s=rl.weight_sync_timeout_s,
+                api_key=config.resolved_api_key(), timeout_s=rl.weight_sync_timeout_s,
                 bucket_bytes=rl.weight_sync_bucket_mb * 1024**2,
             )  # fmt: skip
         self.weights = WeightSync(engine, run.model, tokenizer, sync_dir, keep=keep_versions,
@@ -97,13 +98,13 @@ class RolloutService:
                 urls = [s.url for s in self.servers]
             urls = _broadcast(urls)
         if self.is_leader:
-            self.client = RolloutClient.from_config(
-                self.config, self.run.model, urls=urls,
+            self.client = RolloutClient(
+                self.config, ModelShape.from_model_config(self.run.model), urls=urls,
                 return_routed_experts=self.return_routed_experts,
             )
             # Waits for external servers (and a router) to come up, finds a router's
-            # workers, checks every server against the model.
-            self.client.connect(require_routed_experts=self.return_routed_experts)
+            # workers, checks every server against the model (and r3's routed experts).
+            self.client.connect()
         if self.rank0:
             self.weights.client = self.client
         if self.config.urls:
@@ -168,7 +169,8 @@ class RolloutService:
             self.weights.updater.reset()  # the new process holds no weight-update group
         config = self.config
         return start_server_process(
-            path, port=int(old.url.rsplit(":", 1)[1]), host=config.host, api_key=config.api_key,
+            path, port=int(old.url.rsplit(":", 1)[1]), host=config.host,
+            api_key=config.resolved_api_key(),
             dtype=config.dtype, max_batch_size=config.max_batch_size, threads=config.threads,
             quantization=config.quantization, weight_version=version,
             startup_timeout_s=config.startup_timeout_s, log_dir=self._server_log_dir(),
@@ -179,7 +181,7 @@ class RolloutService:
         if self.client is not None:
             # Leaders other than rank 0 learn of the update here; with the path they can
             # reload it on a server that restarts.
-            self.client.note_weights(version, self.weights.reload_path(version))
+            self.client.servers.note_weights(version, self.weights.reload_path(version))
 
     def close(self, clean: bool = True) -> None:
         """Stop the servers this rank started. ``clean``: every rank got here normally,

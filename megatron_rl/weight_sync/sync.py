@@ -149,7 +149,7 @@ class WeightSync:
         """Rank 0: the servers a distributed update goes to: all of the client's workers,
         a server the client declared down included -- the updater leaves out those that do
         not answer, and one that is back (restarted) gets the weights and can rejoin."""
-        return [] if self.client is None else list(self.client.worker_urls)
+        return [] if self.client is None else list(self.client.servers.worker_urls)
 
     def export(self, version: str | int) -> str:
         """Collective: write ``<weights_dir>/v<version>``; returns its path on every rank
@@ -231,7 +231,8 @@ class WeightSync:
             elapsed = time.perf_counter() - started
             return SyncResult(version, None, elapsed, 0.0, elapsed, 0, 0)
         if self.client is not None:
-            self.client.weight_version = version
+            # Pushed over the network: no checkpoint a restarted server could reload.
+            self.client.servers.note_weights(version)
         elapsed = time.perf_counter() - started
         return SyncResult(
             version, None, elapsed - stats.send_seconds, stats.send_seconds, elapsed,
@@ -253,7 +254,8 @@ class WeightSync:
                 f"weight sync of version {version} from {path} was refused: {exc}. Servers "
                 f"that refused keep serving {served}."
             ) from exc
-        return len([u for u in self.client.urls if u not in self.client.down_servers])
+        # The workers, not the generation URLs: through a router those are one URL.
+        return len(self.client.servers.live_workers())
 
     def prune(self, keep: Path) -> list[Path]:
         """Delete version directories beyond the newest ``self.keep`` (by modification

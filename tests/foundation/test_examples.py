@@ -107,16 +107,19 @@ def test_gpu_scripts_dry_run_at_their_world_size(tmp_path):
 
 
 def _fake_launchers(tmp_path: Path) -> tuple[Path, Path]:
-    """A torchrun that records its arguments instead of starting processes."""
+    """A torchrun that records its arguments instead of starting processes (and, beside
+    them in ``launch_env.jsonl``, the rollout API key its environment hands the trainer)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     record = tmp_path / "launches.jsonl"
     torchrun = bin_dir / "torchrun"
     torchrun.write_text(textwrap.dedent(f"""\
         #!{sys.executable}
-        import json, sys
+        import json, os, sys
         with open({str(record)!r}, "a") as handle:
             handle.write(json.dumps(sys.argv[1:]) + "\\n")
+        with open({str(tmp_path / "launch_env.jsonl")!r}, "a") as handle:
+            handle.write(json.dumps(os.environ.get("MEGATRON_RL_ROLLOUT_API_KEY")) + "\\n")
         """))
     torchrun.chmod(0o755)
     return bin_dir, record
@@ -157,6 +160,12 @@ def test_gpu_trainer_converts_the_hf_checkpoint_once_and_starts_from_it(tmp_path
 
     args = _script_args(train, "pretrain_rl.py")
     assert _flag(args, "--load") == env["INIT"]
+    # The API key reaches the trainer through its environment, never its command line
+    # (which every user of the node can read).
+    assert not any(env["ROLLOUT_API_KEY"] in arg for arg in convert + train)
+    assert "--rl-rollout-api-key" not in args
+    keys = [json.loads(line) for line in (tmp_path / "launch_env.jsonl").read_text().splitlines()]
+    assert keys[-1] == env["ROLLOUT_API_KEY"]
     assert _flag(args, "--tokenizer") == env["MODEL_HF"]
     run = parse_launch(args, world_size=32).run  # the real launch's flags, all valid
     # r2: /generate through the router, control calls to each server; the router drops

@@ -21,8 +21,9 @@ from torchrun_launch import ROOT, free_port
 from megatron_rl.inference.launcher import start_server_process, wait_healthy
 from megatron_rl.model.config import preset
 from megatron_rl.rollout.client import RolloutClient
+from megatron_rl.rollout.config import RolloutConfig
 from megatron_rl.rollout.protocol import RolloutServerError
-from megatron_rl.weight_sync.hf_config import save_random_checkpoint
+from megatron_rl.weight_sync.hf_config import ModelShape, save_random_checkpoint
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("sglang_router", reason="pip install sglang-router==0.3.2 (the dev extra)")
@@ -74,17 +75,17 @@ def test_router_for_generation_workers_for_weights_one_worker_killed(cluster, co
                                                                      tmp_path):
     router, workers = cluster
     urls = [w.url for w in workers]
-    tiny = preset("tiny")
+    shape = ModelShape.from_model_config(preset("tiny"))
 
     # The router is recognised by what it answers, and refused without its workers.
     with pytest.raises(RolloutServerError, match=rf"{router.url} is an sglang-router.*add "
                                                  rf"--rl-rollout-worker-urls.*{urls[0]}"):
-        RolloutClient([router.url], model_config=tiny).connect(require_routed_experts=False)
+        RolloutClient(RolloutConfig(urls=(router.url,)), shape).connect()
     # Routed experts do not survive sglang-router 0.3.2 (it drops return_routed_experts):
     # r3 through it is refused at start-up, saying why.
     with pytest.raises(RolloutServerError, match="drops the request's return_routed_experts"):
-        RolloutClient([router.url], model_config=tiny, worker_urls=urls).connect(
-            require_routed_experts=True)
+        RolloutClient(RolloutConfig(urls=(router.url,), worker_urls=tuple(urls)), shape,
+                      return_routed_experts=True).connect()
 
     save = tmp_path / "rl"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",

@@ -14,8 +14,11 @@ import torch
 from fake_sglang import answer, fake_sglang, sample_id, sglang_response, split_batch
 
 from megatron_rl.model.config import preset
-from megatron_rl.rollout.client import RolloutClient, RolloutRequest, sample_seed
-from megatron_rl.rollout.protocol import RolloutProtocolError, RolloutServerError, SamplingParams
+from megatron_rl.rollout.client import RolloutClient, RolloutRequest
+from megatron_rl.rollout.config import RolloutConfig
+from megatron_rl.rollout.generation import sample_seed
+from megatron_rl.rollout.protocol import RolloutProtocolError, RolloutServerError
+from megatron_rl.rollout.transport import HttpTransport
 from megatron_rl.weight_sync.hf_config import ModelShape, save_random_checkpoint
 
 TINY = preset("tiny")
@@ -28,18 +31,15 @@ def routed(handlers: dict[str, object]) -> httpx.MockTransport:
     return httpx.MockTransport(lambda r: handlers[f"http://{r.url.host}:{r.url.port}"](r))
 
 
-def client(urls, transport, **kwargs) -> RolloutClient:
-    kwargs.setdefault("retries", 2)
-    kwargs.setdefault("retry_backoff_s", 0.01)
-    kwargs.setdefault("group_requests", False)  # one request per sample unless a test groups
-    return RolloutClient(
-        urls,
-        model_config=TINY,
-        sampling=SamplingParams(max_new_tokens=3),
-        return_routed_experts=True,
-        transport=transport,
-        **kwargs,
-    )
+def client(urls, network, *, routes: bool = True, **fields) -> RolloutClient:
+    """A client of ``urls`` over ``network``; ``fields`` of its RolloutConfig."""
+    fields.setdefault("retries", 2)
+    fields.setdefault("retry_backoff_s", 0.01)
+    fields.setdefault("group_requests", False)  # one request per sample unless a test groups
+    fields.setdefault("max_new_tokens", 3)
+    fields.setdefault("progress", False)
+    config = RolloutConfig(urls=tuple(urls), **fields)
+    return RolloutClient(config, SHAPE, return_routed_experts=routes, network=network)
 
 
 def requests(n: int, group: int = 4) -> list[RolloutRequest]:
@@ -158,7 +158,7 @@ def test_server_that_stays_down_is_reported_and_batch_continues(caplog):
     with caplog.at_level(logging.ERROR):
         samples = c.generate_batch(requests(12), "s")
     assert len({s.request_id for s in samples}) == 12 and {s.server_url for s in samples} == {A}
-    assert list(c.down_servers) == [B] and "ConnectError" in c.down_servers[B]
+    assert list(c.servers.down) == [B] and "ConnectError" in c.servers.down[B]
     assert c.last_batch_stats["servers_down"] == [B]
     assert any(B in r.getMessage() and "down" in r.getMessage() for r in caplog.records)
 
@@ -210,18 +210,15 @@ def test_start_up_check_reads_sglang_model_path(tmp_path):
     # Real SGLang reports only paths: the client reads config.json of the served directory.
     good = save_random_checkpoint(TINY, tmp_path / "good")
     bad = save_random_checkpoint(TINY.replace(moe_layer_freq="[0,0,1,1]"), tmp_path / "bad")
-    info = client([A], routed({A: fake_sglang(SHAPE, model_path=str(good))})).check_servers(
-        TINY, True
-    )
+    info = client([A], routed({A: fake_sglang(SHAPE, model_path=str(good))})).connect()
     assert info[A]["model_path"] == str(good)
     with pytest.raises(
         RolloutServerError, match=r"10\.0\.0\.1.*moe_layers: \(1, 2, 3\) vs \(2, 3\)"
     ):
-        client([A], routed({A: fake_sglang(SHAPE, model_path=str(bad))})).check_servers(TINY, False)
+        client([A], routed({A: fake_sglang(SHAPE, model_path=str(bad))}), routes=False).connect()
     with pytest.raises(RolloutServerError, match="cannot verify the served model"):
-        client([A], routed({A: fake_sglang(SHAPE, model_path="Qwen/Qwen3-30B-A3B")})).check_servers(
-            TINY, False
-        )
+        client([A], routed({A: fake_sglang(SHAPE, model_path="Qwen/Qwen3-30B-A3B")}),
+               routes=False).connect()
 
 
 def test_r3_refuses_a_server_without_routed_experts(tmp_path):
@@ -236,13 +233,11 @@ def test_r3_refuses_a_server_without_routed_experts(tmp_path):
     with pytest.raises(
         RolloutServerError, match=r"10\.0\.0\.1:30000: returns no usable routed experts"
     ):
-        client([A], routed({A: silent})).check_servers(TINY, require_routed_experts=True)
-    client([A], routed({A: silent})).check_servers(
-        TINY, require_routed_experts=False
-    )  # fine without r3
+        client([A], routed({A: silent})).connect()
+    client([A], routed({A: silent}), routes=False).connect()  # fine without r3
     flagless = fake_sglang(SHAPE, model_path=path, enable_return_routed_experts=False)
     with pytest.raises(RolloutServerError, match="--enable-return-routed-experts"):
-        client([A], routed({A: flagless})).check_servers(TINY, require_routed_experts=True)
+        client([A], routed({A: flagless})).connect()
 
 
 def test_weight_update_reports_which_servers_failed():
@@ -267,10 +262,10 @@ def test_weight_update_reports_which_servers_failed():
     ):
         c.update_weights_from_disk("/ckpt/step4", "4")
     assert bodies == [{"model_path": "/ckpt/step4", "weight_version": "4", "flush_cache": True}]
-    assert c.weight_version is None
+    assert c.servers.weight_version is None
     c = client([A, B], routed({A: update_ok, B: update_ok}))
     c.update_weights_from_disk("/ckpt/step4", "4")
-    assert c.weight_version == "4"
+    assert c.servers.weight_version == "4"
     c.flush_cache()
     assert c.health() == {A: True, B: True}
     assert client([A], routed({A: unreachable})).health() == {A: False}
@@ -313,7 +308,7 @@ class RestartingServer:
 def test_restarted_server_gets_the_synced_weights_back():
     server = RestartingServer()
     c = client([A], routed({A: server}), retries=3)
-    c.note_weights("7", "/ckpt/step7")
+    c.servers.note_weights("7", "/ckpt/step7")
     samples = c.generate_batch(requests(4), "s")
     assert server.updates == ["/ckpt/step7"] and {s.weight_version for s in samples} == {"7"}
 
@@ -326,10 +321,10 @@ def test_restarted_server_without_a_checkpoint_to_reload_is_kept_out():
         return httpx.Response(200, json=sglang_response(body, SHAPE, weight_version="9")[0])
 
     c = client([A, B], routed({A: server, B: fake_sglang(SHAPE, generate=current)}), retries=2)
-    c.weight_version = "9"  # weights pushed by NCCL broadcast: no checkpoint to reload
+    c.servers.note_weights("9")  # pushed by NCCL broadcast: no checkpoint to reload
     samples = c.generate_batch(requests(6), "s")
     assert {s.server_url for s in samples} == {B} and server.updates == []
-    assert list(c.down_servers) == [A]
+    assert list(c.servers.down) == [A]
 
 
 def test_high_concurrency_spreads_over_small_pools_without_limiting_it(monkeypatch):
@@ -344,13 +339,13 @@ def test_high_concurrency_spreads_over_small_pools_without_limiting_it(monkeypat
         return httpx.Response(200, json=sglang_response(json.loads(request.content), SHAPE)[0])
 
     created = []
-    original = RolloutClient._http
+    original = HttpTransport.client
 
-    def counting_http(self, in_flight=None):
+    def counting_client(self, in_flight=None):
         created.append(in_flight)
         return original(self, in_flight)
 
-    monkeypatch.setattr(RolloutClient, "_http", counting_http)
+    monkeypatch.setattr(HttpTransport, "client", counting_client)
     other = fake_sglang(SHAPE)
 
     async def handle(request):
@@ -479,8 +474,8 @@ def test_timeout_is_sized_for_long_responses():
     assert RolloutConfig(timeout_s=600, max_new_tokens=256).generate_timeout_s == 600
     assert RolloutConfig(timeout_s=600, max_new_tokens=32768).generate_timeout_s == pytest.approx(
         0.05 * 32768)
-    made = RolloutClient.from_config(RolloutConfig(urls=(A,), max_new_tokens=32768), TINY)
-    assert made.timeout_s == pytest.approx(1638.4)
+    made = RolloutClient(RolloutConfig(urls=(A,), max_new_tokens=32768), SHAPE)
+    assert made.core.transport.client().timeout.read == pytest.approx(1638.4)
 
 
 R = "http://10.0.0.9:30000"
@@ -521,11 +516,11 @@ def test_router_without_workers_is_refused_naming_the_workers_it_lists(tmp_path)
     with pytest.raises(RolloutServerError,
                        match=rf"{R} is an sglang-router.*add --rl-rollout-worker-urls.*"
                              rf"routes to {A} {B}"):
-        client([R], routed(handlers)).connect(require_routed_experts=False)
+        client([R], routed(handlers), routes=False).connect()
     # r3 through the router: the router drops return_routed_experts, and the error says so.
     with pytest.raises(RolloutServerError, match="sglang-router, which drops the request's "
                                                  "return_routed_experts"):
-        client([R], routed(handlers), worker_urls=[A, B]).connect(require_routed_experts=True)
+        client([R], routed(handlers), worker_urls=(A, B)).connect()
 
 
 def test_router_gets_generate_and_workers_get_control_calls(tmp_path):
@@ -543,10 +538,10 @@ def test_router_gets_generate_and_workers_get_control_calls(tmp_path):
         return handle
 
     workers = {A: worker(A), B: worker(B)}
-    c = RolloutClient([R], model_config=TINY, sampling=SamplingParams(max_new_tokens=3),
-                      worker_urls=[A, B], transport=routed({R: fake_router(workers), **workers}))
+    c = RolloutClient(RolloutConfig(urls=(R,), worker_urls=(A, B), max_new_tokens=3, progress=False),
+                      SHAPE, network=routed({R: fake_router(workers), **workers}))
     info = c.connect()
-    assert c.routers == [R] and sorted(info) == [A, B, R]
+    assert c.servers.routers == [R] and sorted(info) == [A, B, R]
     samples = c.generate_batch(requests(8), "r")  # grouped by default; one per sample here
     assert len({s.request_id for s in samples}) == 8
     assert calls[(A, "/generate")] + calls[(B, "/generate")] == 8
@@ -567,13 +562,13 @@ def test_worker_that_a_control_call_cannot_reach_is_declared_down_per_policy(cap
         return fake_sglang(SHAPE)(request)
 
     handlers = {R: fake_router({A: fake_sglang(SHAPE)}), A: fake_sglang(SHAPE), B: dies}
-    c = client([R], routed(handlers), worker_urls=[A, B])
+    c = client([R], routed(handlers), worker_urls=(A, B))
     with caplog.at_level(logging.ERROR):
         c.update_weights_from_disk("/ckpt/v2", "2")
-    assert list(c.down_servers) == [B] and c.weight_version == "2"
+    assert list(c.servers.down) == [B] and c.servers.weight_version == "2"
     assert any(B in r.getMessage() and "down" in r.getMessage() for r in caplog.records)
     c.update_weights_from_disk("/ckpt/v3", "3")  # skips B at once
-    strict = client([R], routed(handlers), worker_urls=[A, B], on_server_failure="fail")
+    strict = client([R], routed(handlers), worker_urls=(A, B), on_server_failure="fail")
     with pytest.raises(RolloutServerError, match=rf"failed on: {B} \(ConnectError.*succeeded on: "
                                                  rf"\['{A}'\]"):
         strict.update_weights_from_disk("/ckpt/v2", "2")
@@ -601,12 +596,13 @@ def test_servers_are_awaited_until_ready_and_those_never_ready_are_named():
             return handler(request)
         return handle
 
-    c = client([A], routed({A: with_shape(late)}), startup_timeout_s=10)
-    c.connect(require_routed_experts=False)
+    c = client([A], routed({A: with_shape(late)}), routes=False, startup_timeout_s=10)
+    c.connect()
     assert health_calls["late"] == 3
-    c = client([A, B], routed({A: with_shape(fake_sglang(SHAPE)), B: never}), startup_timeout_s=1)
+    c = client([A, B], routed({A: with_shape(fake_sglang(SHAPE)), B: never}), routes=False,
+               startup_timeout_s=1)
     with pytest.raises(RolloutServerError, match=rf"not ready after 1 s.*{B} \(ConnectError") as err:
-        c.connect(require_routed_experts=False)
+        c.connect()
     assert A not in str(err.value)
 
 
@@ -619,7 +615,7 @@ def test_older_servers_answer_the_deprecated_info_endpoints(tmp_path):
             return httpx.Response(404)
         return fake(request)
 
-    info = client([A], routed({A: old})).connect(require_routed_experts=True)
+    info = client([A], routed({A: old})).connect()
     assert info[A]["model_path"] == path
     assert fake.deprecated_calls == ["/get_model_info", "/get_server_info"]
 
@@ -628,8 +624,8 @@ def test_logprob_temperature_is_checked_where_the_server_tells(tmp_path, caplog)
     path = str(save_random_checkpoint(TINY, tmp_path / "ckpt"))
 
     def at(temperature, **info):
-        return RolloutClient([A], model_config=TINY, sampling=SamplingParams(temperature=temperature),
-                             transport=routed({A: fake_sglang(SHAPE, model_path=path, **info)}))
+        return RolloutClient(RolloutConfig(urls=(A,), temperature=temperature), SHAPE,
+                             network=routed({A: fake_sglang(SHAPE, model_path=path, **info)}))
 
     with pytest.raises(RolloutServerError, match=r"temperature 1 \(return_original_logprob\).*"
                                                  r"--rl-temperature 0.7"):

@@ -11,21 +11,18 @@ import torch
 from rollout_env import API_KEY
 
 from megatron_rl.rollout.client import RolloutClient, RolloutRequest
-from megatron_rl.rollout.protocol import RolloutServerError, SamplingParams
+from megatron_rl.rollout.config import RolloutConfig
+from megatron_rl.rollout.protocol import RolloutServerError
+from megatron_rl.weight_sync.hf_config import ModelShape
 
 pytestmark = pytest.mark.slow  # starts and kills server processes
 
 
-def make_client(urls, tiny, **kw) -> RolloutClient:
-    return RolloutClient(
-        urls,
-        model_config=tiny,
-        sampling=SamplingParams(max_new_tokens=12),
-        api_key=API_KEY,
-        return_routed_experts=True,
-        concurrency=32,
-        **kw,
-    )
+def make_client(urls, tiny, **fields) -> RolloutClient:
+    """A client of ``urls``; ``fields`` of its RolloutConfig."""
+    config = RolloutConfig(urls=tuple(urls), max_new_tokens=12, api_key=API_KEY, concurrency=32,
+                           progress=False, **fields)
+    return RolloutClient(config, ModelShape.from_model_config(tiny), return_routed_experts=True)
 
 
 def batch(n: int = 24) -> list[RolloutRequest]:
@@ -74,7 +71,7 @@ def test_killed_server_restarted_mid_batch_loses_and_duplicates_nothing(servers,
             assert got.weight_version == "v1"
             assert got.response_ids == want.response_ids
             assert torch.equal(got.routes, want.routes)
-        assert client.last_batch_stats["retries"] > 0 and not client.down_servers
+        assert client.last_batch_stats["retries"] > 0 and not client.servers.down
     finally:
         client.update_weights_from_disk(str(checkpoints.main), "default")
 
@@ -85,7 +82,7 @@ def test_server_that_stays_down_is_named_and_the_batch_continues(servers, tiny, 
     with caplog.at_level(logging.ERROR, logger="megatron_rl.rollout"):
         samples, _ = run_and_interrupt(client, "down", 4, servers.spare.kill)
     assert len({s.request_id for s in samples}) == len(samples) == 24
-    assert list(client.down_servers) == [spare]
+    assert list(client.servers.down) == [spare]
     assert any(spare in r.getMessage() and "down" in r.getMessage() for r in caplog.records)
     assert {s.server_url for s in samples} <= {main, spare} and main in {
         s.server_url for s in samples

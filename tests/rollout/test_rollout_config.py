@@ -8,7 +8,7 @@ import pytest
 
 from megatron_rl.arguments import RunConfig
 from megatron_rl.config.flags import ConfigError, add_config_flags, config_from_flags
-from megatron_rl.rollout.config import RolloutConfig
+from megatron_rl.rollout.config import API_KEY_ENV, RolloutConfig
 
 
 def parse(*argv: str) -> RolloutConfig:
@@ -74,3 +74,43 @@ def test_flags():
 def test_validation_names_the_flag(changes, flag):
     with pytest.raises(ConfigError, match=flag):
         RolloutConfig(**changes).validate(RunConfig())
+
+
+def test_api_key_from_a_private_file_or_the_environment(tmp_path, monkeypatch):
+    secret = "s3cret-" + "x" * 40
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    assert RolloutConfig().resolved_api_key() is None
+    monkeypatch.setenv(API_KEY_ENV, secret)
+    assert RolloutConfig().resolved_api_key() == secret
+    key_file = tmp_path / "rollout.key"
+    key_file.write_text(f"  {secret}-file\n")
+    key_file.chmod(0o600)
+    config = parse("--rl-rollout-api-key-file", str(key_file))
+    config.validate(RunConfig())
+    # The file comes before the environment, the flag before both.
+    assert config.resolved_api_key() == f"{secret}-file"
+    assert RolloutConfig(api_key="flag").resolved_api_key() == "flag"
+    monkeypatch.setenv(API_KEY_ENV, "")  # empty is unset, as for the embedded server
+    assert RolloutConfig().resolved_api_key() is None
+
+    refusals = []
+    for mode in (0o640, 0o604):
+        key_file.chmod(mode)
+        with pytest.raises(ConfigError, match=rf"{key_file} may be read by other users .*chmod 600") as err:
+            RolloutConfig(api_key_file=str(key_file)).validate(RunConfig())
+        refusals.append(str(err.value))
+    key_file.chmod(0o600)
+    with pytest.raises(ConfigError, match="--rl-rollout-api-key and --rl-rollout-api-key-file"):
+        RolloutConfig(api_key="k", api_key_file=str(key_file)).validate(RunConfig())
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'missing'} cannot be read") as missing:
+        RolloutConfig(api_key_file=str(tmp_path / "missing")).validate(RunConfig())
+    refusals.append(str(missing.value))
+    empty = tmp_path / "empty.key"
+    empty.write_text("\n")
+    empty.chmod(0o600)
+    with pytest.raises(ConfigError, match=f"--rl-rollout-api-key-file {empty} is empty"):
+        RolloutConfig(api_key_file=str(empty)).validate(RunConfig())
+    monkeypatch.setenv(API_KEY_ENV, "   ")
+    with pytest.raises(ConfigError, match=f"\\${API_KEY_ENV} is empty"):
+        RolloutConfig().validate(RunConfig())
+    assert len(refusals) == 3 and not any(secret in message for message in refusals)

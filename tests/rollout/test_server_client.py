@@ -11,19 +11,22 @@ import torch
 from rollout_env import API_KEY
 
 from megatron_rl.rollout.client import RolloutClient, RolloutRequest
-from megatron_rl.rollout.protocol import RolloutServerError, SamplingParams
+from megatron_rl.rollout.config import API_KEY_ENV, RolloutConfig
+from megatron_rl.rollout.protocol import RolloutServerError
+from megatron_rl.weight_sync.hf_config import ModelShape
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 pytestmark = pytest.mark.slow  # talks to server processes
 
 
-def make_client(url: str, model_config, **kw) -> RolloutClient:
-    kw.setdefault("sampling", SamplingParams(max_new_tokens=8))
-    kw.setdefault("api_key", API_KEY)
-    return RolloutClient(
-        [url], model_config=model_config, return_routed_experts=True, retry_backoff_s=0.1, **kw
-    )
+def make_client(url: str, model_config, *, routes: bool = True, **fields) -> RolloutClient:
+    """A client of ``url``; ``fields`` of its RolloutConfig."""
+    fields.setdefault("api_key", API_KEY)
+    config = RolloutConfig(urls=(url,), max_new_tokens=8, retry_backoff_s=0.1, progress=False,
+                           **fields)
+    return RolloutClient(config, ModelShape.from_model_config(model_config),
+                         return_routed_experts=routes)
 
 
 def batch(num_prompts: int = 4, group: int = 2) -> list[RolloutRequest]:
@@ -56,7 +59,7 @@ def error_message(response: httpx.Response) -> str:
 
 def test_start_up_checks(servers, tiny):
     url = servers.main.url
-    info = make_client(url, tiny).check_servers(tiny, require_routed_experts=True)
+    info = make_client(url, tiny).connect()
     assert info[url]["model_shape"]["moe_layers"] == [1, 2, 3]
     for other, field in ((tiny.replace(num_experts=8), "num_experts: 8 vs 16"),
                          (tiny.replace(vocab_size=256), "vocab_size: 256 vs 128"),
@@ -64,7 +67,7 @@ def test_start_up_checks(servers, tiny):
         with pytest.raises(
             RolloutServerError, match=f"{url}: served model does not match.*{field}"
         ):
-            make_client(url, other).check_servers(other, require_routed_experts=False)
+            make_client(url, other, routes=False).connect()
 
 
 def test_rollout_logprobs_and_routes_are_the_models(servers, tiny, reference):
@@ -220,7 +223,7 @@ def test_malformed_json_and_server_survives(servers):
     )
 
 
-def test_api_key_is_required_everywhere(servers, tiny):
+def test_api_key_is_required_everywhere(servers, tiny, tmp_path, monkeypatch):
     url = servers.main.url
     calls = [("GET", "/health"), ("GET", "/get_model_info"), ("GET", "/get_server_info"),
              ("POST", "/generate"), ("POST", "/flush_cache"), ("POST", "/update_weights_from_disk"),
@@ -237,7 +240,18 @@ def test_api_key_is_required_everywhere(servers, tiny):
     assert API_KEY not in " ".join(psutil.Process(servers.main.pid).cmdline())
     assert httpx.get(f"{url}/get_server_info", headers=AUTH).json()["api_key_required"] is True
     with pytest.raises(RolloutServerError, match="401"):
-        make_client(url, tiny, api_key="wrong").check_servers(tiny, False)
+        make_client(url, tiny, routes=False, api_key="wrong").connect()
+    # The trainer's key without a command line: from the environment, or from a file
+    # (which comes before the environment).
+    monkeypatch.setenv(API_KEY_ENV, API_KEY)
+    make_client(url, tiny, routes=False, api_key=None).connect()
+    key_file = tmp_path / "rollout.key"
+    key_file.write_text(API_KEY + "\n")
+    key_file.chmod(0o600)
+    monkeypatch.setenv(API_KEY_ENV, "wrong")
+    make_client(url, tiny, routes=False, api_key=None, api_key_file=str(key_file)).connect()
+    with pytest.raises(RolloutServerError, match="401"):
+        make_client(url, tiny, routes=False, api_key=None).connect()
 
 
 def test_weight_update_from_disk(servers, tiny, checkpoints):
@@ -260,7 +274,7 @@ def test_weight_update_from_disk(servers, tiny, checkpoints):
         for path, phrase in refusals:
             with pytest.raises(RolloutServerError, match=f"failed on: {url} \\(HTTP 400.*{phrase}"):
                 client.update_weights_from_disk(str(path), "v2")
-            assert client.weight_version == "v1"
+            assert client.servers.weight_version == "v1"
             still = client.generate_batch(batch(2), "w")  # the v1 weights keep serving
             assert [s.response_ids for s in still] == [s.response_ids for s in after]
             assert {s.weight_version for s in still} == {"v1"}

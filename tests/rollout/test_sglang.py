@@ -16,8 +16,8 @@ import torch
 
 from megatron_rl.inference.launcher import ServerHandle, free_port, wait_healthy
 from megatron_rl.rollout.client import RolloutClient, RolloutRequest
-from megatron_rl.rollout.protocol import SamplingParams
-from megatron_rl.weight_sync.hf_config import save_random_checkpoint
+from megatron_rl.rollout.config import RolloutConfig
+from megatron_rl.weight_sync.hf_config import ModelShape, save_random_checkpoint
 
 pytestmark = pytest.mark.sglang
 
@@ -48,12 +48,11 @@ def sglang_server(tmp_path_factory, tiny):
 def test_sglang_routes_logprobs_and_weight_update(sglang_server, tiny, reference_for):
     handle, model, root = sglang_server
     client = RolloutClient(
-        [handle.url],
-        model_config=tiny,
-        sampling=SamplingParams(max_new_tokens=8),
+        RolloutConfig(urls=(handle.url,), max_new_tokens=8, progress=False),
+        ModelShape.from_model_config(tiny),
         return_routed_experts=True,
     )
-    client.check_servers(tiny, require_routed_experts=True)
+    client.connect()
     requests = [
         RolloutRequest(prompt_index=i, sample_index=0, prompt_ids=[5 + i, 6, 7, 8])
         for i in range(4)

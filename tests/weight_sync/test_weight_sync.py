@@ -13,12 +13,14 @@ from ws_support import SERVER_API_KEY, WORKERS
 
 from megatron_rl.model.config import PRESETS
 from megatron_rl.rollout.client import RolloutClient
+from megatron_rl.rollout.config import RolloutConfig
 from megatron_rl.weight_sync.broadcast import (
     DistributedWeightUpdater,
     group_requests,
     server_ranks,
     update_request,
 )
+from megatron_rl.weight_sync.hf_config import ModelShape
 from megatron_rl.weight_sync.sync import WeightSync, WeightSyncError, check_version
 
 API_KEY = SERVER_API_KEY
@@ -62,12 +64,11 @@ def test_sync_to_embedded_server(server, run_torchrun, tmp_path):
     assert rank0["served_after_refusal"] == "3"
 
 
-def _client(handler) -> RolloutClient:
+def _client(handler, urls=("http://a:1", "http://b:2"), workers=()) -> RolloutClient:
     return RolloutClient(
-        ["http://a:1", "http://b:2"],
-        model_config=PRESETS["tiny"],
-        transport=httpx.MockTransport(handler),
-        retries=0,
+        RolloutConfig(urls=urls, worker_urls=workers, retries=0),
+        ModelShape.from_model_config(PRESETS["tiny"]),
+        network=httpx.MockTransport(handler),
     )
 
 
@@ -99,6 +100,12 @@ def test_update_request_carries_version_and_flush(tmp_path):
     for _, path, body in seen:
         assert path == "/update_weights_from_disk"
         assert body == {"model_path": "/ckpt/v3", "weight_version": "3", "flush_cache": True}
+    # Through a router the update goes to, and counts, the workers behind it.
+    seen.clear()
+    routed = _client(handler, urls=("http://router:3",), workers=("http://a:1", "http://b:2"))
+    sync = WeightSync([], PRESETS["tiny"], None, tmp_path, client=routed)
+    assert sync.update_servers("/ckpt/v4", "4") == 2
+    assert sorted(host for host, _, _ in seen) == ["a", "b"]
 
 
 def test_prune_keeps_newest_and_served(tmp_path):

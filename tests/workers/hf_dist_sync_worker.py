@@ -37,7 +37,9 @@ def main():
 
     from megatron_rl.arguments import parse_args
     from megatron_rl.rollout.client import RolloutClient
+    from megatron_rl.rollout.config import RolloutConfig
     from megatron_rl.training.rollout_service import RolloutService
+    from megatron_rl.weight_sync.hf_config import ModelShape
     from megatron_rl.weight_sync.sync import WeightSync
 
     engine = build_engine(1, args.pp, args.ep, None)
@@ -57,7 +59,8 @@ def main():
     )  # fmt: skip
     # Disk sync of the same weights to server B only (its own client), for comparison.
     disk_client = (
-        RolloutClient([b], model_config=run.model, api_key=args.api_key) if rank == 0 else None
+        RolloutClient(RolloutConfig(urls=(b,), api_key=args.api_key),
+                      ModelShape.from_model_config(run.model)) if rank == 0 else None
     )
     disk = WeightSync(engine, run.model, None, os.path.join(args.dir, "disk"), client=disk_client)
     updater = service.weights.updater

@@ -53,7 +53,9 @@ def main():
     from megatron_rl.model.config import PRESETS
     from megatron_rl.model.provider import build_model
     from megatron_rl.rollout.client import RolloutClient
+    from megatron_rl.rollout.config import RolloutConfig
     from megatron_rl.weight_sync.export import export_hf
+    from megatron_rl.weight_sync.hf_config import ModelShape
     from megatron_rl.weight_sync.sync import WeightSync, WeightSyncError
 
     model = PRESETS["tiny"]
@@ -61,8 +63,10 @@ def main():
     perturb_norms(engine)
     rank = dist.get_rank()
     client = (
-        RolloutClient([args.url], model_config=model, api_key=args.api_key) if rank == 0 else None
-    )
+        RolloutClient(RolloutConfig(urls=(args.url,), api_key=args.api_key),
+                      ModelShape.from_model_config(model))
+        if rank == 0 else None
+    )  # fmt: skip
     weights_dir = os.path.join(args.dir, "weights")
     sync = WeightSync(engine, model, None, weights_dir, keep=2, client=client)
     record = {"rank": rank, "results": []}
@@ -90,7 +94,7 @@ def main():
     if rank == 0:
         info = httpx.get(f"{args.url}/get_model_info", headers=headers, timeout=10).json()
         record["served_version"] = info["weight_version"]
-        record["client_version"] = client.weight_version
+        record["client_version"] = client.servers.weight_version
         sampled = [server_logprobs(args.url, args.api_key, [5, 17, 40, 33, 21, 9, 60])]
     dist.broadcast_object_list(sampled, src=0)
     prompt = [5, 17, 40, 33, 21, 9, 60]
