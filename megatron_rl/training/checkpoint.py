@@ -5,6 +5,7 @@ Layout of a save directory::
     iter_0000010/            complete checkpoint of step 10 (dist_checkpointing format)
         common_state.pt      scheduler, step, data position, policy version, ... (rank 0)
         rank_00000.pt        this rank's RNG states (restored only at the same layout)
+        rollout_ahead_dp000.*  RL with --rl-rollout-ahead: the batch generated ahead
     latest_checkpointed_iteration.txt
 
 A checkpoint is written into ``iter_XXXXXXX.tmp`` and renamed once every rank has
@@ -33,6 +34,7 @@ import pickle
 import random
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -279,8 +281,13 @@ def save_checkpoint(
     common_state: dict[str, Any],
     *,
     keep_last: int = 2,
+    write_extra: Callable[[str], None] | None = None,
 ) -> str:
-    """Save model, optimiser, scheduler and ``common_state``; collective over all ranks."""
+    """Save model, optimiser, scheduler and ``common_state``; collective over all ranks.
+
+    ``write_extra(directory)``, called on every rank, adds this rank's own data files to
+    the checkpoint before it is renamed complete (the RL loop's rollout batch generated
+    ahead), so they are saved, pruned and found together with it."""
     final = os.path.join(save_dir, f"iter_{step:07d}")
     tmp = final + ".tmp"
     if _rank() == 0:
@@ -297,6 +304,8 @@ def save_checkpoint(
     dist_checkpointing.save(state, tmp)
     torch.save({"rng": rng_state(), "layout": _layout()},
                os.path.join(tmp, f"rank_{_rank():05d}.pt"))
+    if write_extra is not None:
+        write_extra(tmp)
     if _rank() == 0:
         common = dict(common_state)
         common["step"] = step
@@ -526,6 +535,11 @@ class LoadSource:
     common: dict[str, Any]
     resume: bool
     """Continue that checkpoint's own run: its step, data position and optimiser."""
+
+    @property
+    def path(self) -> str:
+        """The checkpoint's own directory (``iter_XXXXXXX``)."""
+        return os.path.join(self.directory, _iter_name(self.step))
 
 
 def find_load_source(cp: CheckpointConfig, stage: str) -> LoadSource | None:
