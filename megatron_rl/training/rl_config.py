@@ -33,7 +33,16 @@ class RLConfig:
     Saves 1/N of the pi_old pass (all of it at N = 1). R2 keeps the whole pass: it records
     the routes of every mini-batch there."""
     weight_version_check: Literal["strict", "warn", "off"] = "strict"
-    """Every rollout sample must carry the policy version the trainer last synced."""
+    """Every rollout sample must carry the weight version its batch was generated with:
+    the policy version the trainer last synced, or under --rl-rollout-ahead 1 exactly the
+    one before it (any other version is refused, or only warned about)."""
+    rollout_ahead: int = 0
+    """K: steps the rollouts run ahead of the trainer. 0: each step generates its batch,
+    then trains on it (on-policy). 1: the servers generate step k+1's batch, with the
+    weights of version k-1, while the trainer updates on step k's batch; the batch is one
+    version stale (rollout/staleness), which MiniRL's pi_old/mu_old factor corrects and
+    R3 replays the generating policy's routes for. The first step (and a resume without a
+    generated batch) generates its batch first, staleness 0. Larger K is refused."""
     keep_weight_versions: int = 2
     """Exported weight versions kept on disk for the rollout servers."""
     sync_dir: str | None = None
@@ -100,6 +109,11 @@ class RLConfig:
             raise ConfigError(
                 f"--rl-weight-sync-bucket-mb ({self.weight_sync_bucket_mb}) must be >= 1 and "
                 f"--rl-weight-sync-timeout ({self.weight_sync_timeout_s}) > 0"
+            )
+        if self.rollout_ahead not in (0, 1):
+            raise ConfigError(
+                f"--rl-rollout-ahead {self.rollout_ahead}: only 0 (generate, then train) and "
+                f"1 (generate the next batch while training on this one) are supported"
             )
         per_rank = mini // dp if mini % dp == 0 else None
         if per_rank is None or per_rank % run.training.micro_batch_size:

@@ -119,17 +119,23 @@ class RolloutService:
             self.supervisor.check()
         return self.client.generate_batch(requests, batch_id, on_sample=on_sample)
 
-    def check_versions(self, samples: list[RolloutSample], policy: str) -> None:
-        """Every sample must come from the weights the trainer last synced."""
+    def check_versions(self, samples: list[RolloutSample], policy: str,
+                       expected: str | None = None) -> None:
+        """Every sample must come from the weights ``expected`` (default: those the
+        trainer last synced; under --rl-rollout-ahead 1 a batch generated ahead expects the
+        version before)."""
         if policy == "off":
             return
-        stale = [s for s in samples if s.weight_version != self.version]
+        want = self.version if expected is None else expected
+        stale = [s for s in samples if s.weight_version != want]
         if not stale:
             return
         first = stale[0]
+        why = ("the trainer's policy is" if want == self.version
+               else f"the trainer's policy is {self.version!r} and the batch was generated ahead by")
         message = (f"{len(stale)} of {len(samples)} rollout samples were generated with weight "
                    f"version {first.weight_version!r} (e.g. {first.request_id} from "
-                   f"{first.server_url}), but the trainer's policy is version {self.version!r}")
+                   f"{first.server_url}), but {why} version {want!r}")
         if policy == "strict":
             raise WeightVersionError(message)
         logger.warning(message)
