@@ -57,8 +57,11 @@ def load_model(
         if diffs:
             raise WeightUpdateError(f"{path} holds a model of another shape: " + "; ".join(diffs))
     try:
+        # use_safetensors: a pickled pytorch_model.bin in a handed-over directory would
+        # otherwise be unpickled (code); safetensors holds tensors only.
         model, info = Qwen3MoeForCausalLM.from_pretrained(
-            path, dtype=dtype, output_loading_info=True, attn_implementation="eager"
+            path, dtype=dtype, output_loading_info=True, attn_implementation="eager",
+            use_safetensors=True,
         )
     except Exception as exc:
         raise WeightUpdateError(f"cannot load the weights in {path}: {exc}") from exc
