@@ -182,8 +182,12 @@ def _check_dcp_files(path: str, metadata: Any) -> None:
             _load_data(io.BytesIO(data), f"{file} (item {index.fqn})")
 
 
-def _check_backend(path: str) -> None:
-    """megatron picks its loader from ``metadata.json``; only the formats we write."""
+def _check_backend(path: str) -> bool:
+    """megatron picks its loader from ``metadata.json``; only the formats we write.
+    Returns whether the common state is a separate ``common.pt`` (megatron-core <= 0.16
+    names ``common_backend: torch``); from 0.17 on, megatron writes no ``common_backend``
+    and keeps the common state among the torch_dist items, which
+    :func:`_check_dcp_files` checks like every other non-tensor item."""
     where = os.path.join(path, "metadata.json")
     try:
         with open(where) as handle:
@@ -192,10 +196,12 @@ def _check_backend(path: str) -> None:
         raise CheckpointError(f"{where} is missing") from exc
     except (ValueError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{where} is damaged: {_first_line(exc)}") from exc
-    if not isinstance(backend, dict) or (backend.get("sharded_backend"),
-                                         backend.get("common_backend")) != ("torch_dist", "torch"):
+    if not isinstance(backend, dict) or backend.get("sharded_backend") != "torch_dist" or \
+            backend.get("common_backend", None) not in ("torch", None):
         raise CheckpointError(f"{where} names backends {backend!r}; this package writes and "
-                              "reads only sharded_backend torch_dist with common_backend torch")
+                              "reads only sharded_backend torch_dist, with common_backend "
+                              "torch (megatron-core <= 0.16) or none (>= 0.17)")
+    return backend.get("common_backend") == "torch"
 
 
 def _check_common(common: Any, where: str) -> dict[str, Any]:
@@ -217,9 +223,13 @@ def verify_checkpoint(path: str) -> dict[str, Any]:
     if not os.path.isdir(path):
         raise CheckpointError(f"{path} is not a directory")
     common = read_common_state(path)
-    _check_backend(path)
+    separate_common = _check_backend(path)
     _check_dcp_files(path, _read_dcp_metadata(path))
-    _load_data(os.path.join(path, "common.pt"), os.path.join(path, "common.pt"))
+    common_pt = os.path.join(path, "common.pt")
+    if separate_common or os.path.exists(common_pt):
+        # megatron reads it whenever metadata.json names it; check one that lies about
+        # being absent too, rather than leave a pickle in the directory unchecked.
+        _load_data(common_pt, common_pt)
     return common
 
 

@@ -175,3 +175,21 @@ def test_garbage_tracker_falls_back_to_the_newest_intact_checkpoint(coldstart, t
     assert f"skipping iter_0000005: {shard} is truncated" in log
     assert f"falling back to the newest intact checkpoint, {ckpt_dir / ITER}" in log
     assert f"loaded checkpoint of step 3 from {ckpt_dir / ITER}" in log
+
+
+def test_both_megatron_checkpoint_layouts_are_recognised(tmp_path):
+    """megatron-core <= 0.16 keeps the common state in common.pt (common_backend torch);
+    0.17+ writes no common_backend and keeps it among the torch_dist items."""
+    import json
+
+    where = tmp_path / "metadata.json"
+    where.write_text(json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1,
+                                 "common_backend": "torch", "common_backend_version": 1}))
+    assert ckpt._check_backend(str(tmp_path)) is True
+    where.write_text(json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1}))
+    assert ckpt._check_backend(str(tmp_path)) is False
+    for other in ({"sharded_backend": "zarr"},
+                  {"sharded_backend": "torch_dist", "common_backend": "pickle"}, ["x"]):
+        where.write_text(json.dumps(other))
+        with pytest.raises(ckpt.CheckpointError, match="names backends"):
+            ckpt._check_backend(str(tmp_path))
