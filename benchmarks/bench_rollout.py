@@ -10,26 +10,38 @@
 2. Client, decode throughput of ``meta_info.routed_experts`` (base64 -> int32 -> MoE-layer
    selection -> validation -> compact dtype) in MB/s of int32 payload, for a Qwen3-30B-A3B
    shaped response (48 layers, top-8, 128 experts) and for the tiny preset.
+3. Client, CPU time of the trainer's process per rollout batch (request building, the
+   connection pools, decoding, bookkeeping) against an in-process stand-in server that
+   answers each /generate after a fixed delay (httpx MockTransport): what the client costs
+   the trainer, apart from the servers. One pool for hundreds of requests in flight cost
+   ~0.8 s per 128-request batch (httpcore's pool scan, see rollout/transport.py).
 
     python benchmarks/bench_rollout.py [--requests 32] [--new-tokens 48] [--pairs 5]
+    python benchmarks/bench_rollout.py --only client   # section 3 alone, seconds
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import httpx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_rl.inference.engine import GenerationEngine, GenerationRequest  # noqa: E402
 from megatron_rl.model.config import preset  # noqa: E402
+from megatron_rl.rollout.client import RolloutClient  # noqa: E402
+from megatron_rl.rollout.config import RolloutConfig  # noqa: E402
 from megatron_rl.rollout.protocol import decode_routed_experts, encode_routed_experts  # noqa: E402
+from megatron_rl.rollout.types import RolloutRequest  # noqa: E402
 from megatron_rl.weight_sync.hf_config import ModelShape, save_random_checkpoint  # noqa: E402
 
 
@@ -113,6 +125,40 @@ def decode_throughput(name: str, shape: ModelShape, tokens: int, samples: int) -
     )
 
 
+def client_cost(args) -> None:
+    shape = ModelShape.from_model_config(preset("tiny"))
+
+    async def generate(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        n = body["sampling_params"]["max_new_tokens"]
+        ids = [(7 * i) % shape.vocab_size for i in range(n)]
+        meta = {"id": body["rid"], "finish_reason": {"type": "length", "length": n},
+                "prompt_tokens": len(body["input_ids"]), "completion_tokens": n,
+                "weight_version": "default", "output_token_logprobs": [[-0.5, t, None] for t in ids]}
+        await asyncio.sleep(args.client_delay)
+        return httpx.Response(200, json={"text": "", "output_ids": ids, "meta_info": meta})
+
+    config = RolloutConfig(urls=("http://10.0.0.1:30000",), max_new_tokens=args.new_tokens,
+                           concurrency=args.client_concurrency, group_requests=False,
+                           progress=False)
+    client = RolloutClient(config, shape, network=httpx.MockTransport(generate))
+    requests = [RolloutRequest(prompt_index=i // 8, sample_index=i % 8, prompt_ids=[5, 6, i % 100])
+                for i in range(args.client_requests)]
+    cpu, wall = [], []
+    for round_ in range(args.client_rounds + 1):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        client.generate_batch(requests, f"b{round_}")
+        if round_:  # the first round warms up
+            wall.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - cpu_start)
+    print(
+        f"client ({args.client_requests} requests, {args.client_concurrency} in flight, "
+        f"{args.new_tokens} tokens each, server delay {args.client_delay} s, "
+        f"{args.client_rounds} batches): CPU per batch median {statistics.median(cpu) * 1e3:.0f} ms "
+        f"(best {min(cpu) * 1e3:.0f} ms), wall median {statistics.median(wall) * 1e3:.0f} ms"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=32)
@@ -122,20 +168,29 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--decode-samples", type=int, default=20)
+    parser.add_argument("--client-requests", type=int, default=512)
+    parser.add_argument("--client-concurrency", type=int, default=256)
+    parser.add_argument("--client-delay", type=float, default=0.05, help="server seconds")
+    parser.add_argument("--client-rounds", type=int, default=7)
+    parser.add_argument("--only", choices=["capture", "decode", "client"], default=None)
     args = parser.parse_args()
 
-    capture_cost(args)
-    print("client decode of routed_experts (base64 -> compact MoE-layer routes, validated):")
-    decode_throughput(
-        "qwen3-30b-a3b",
-        ModelShape.from_model_config(preset("qwen3-30b-a3b")),
-        4096,
-        args.decode_samples,
-    )
-    decode_throughput(
-        "tiny", ModelShape.from_model_config(preset("tiny")), 512, args.decode_samples * 10
-    )
-
+    sections = [args.only] if args.only else ["capture", "decode", "client"]
+    if "capture" in sections:
+        capture_cost(args)
+    if "decode" in sections:
+        print("client decode of routed_experts (base64 -> compact MoE-layer routes, validated):")
+        decode_throughput(
+            "qwen3-30b-a3b",
+            ModelShape.from_model_config(preset("qwen3-30b-a3b")),
+            4096,
+            args.decode_samples,
+        )
+        decode_throughput(
+            "tiny", ModelShape.from_model_config(preset("tiny")), 512, args.decode_samples * 10
+        )
+    if "client" in sections:
+        client_cost(args)
 
 if __name__ == "__main__":
     main()

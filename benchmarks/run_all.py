@@ -22,7 +22,8 @@ HERE = Path(__file__).resolve().parent
 # (script, arguments for the full run, arguments for --quick)
 BENCHMARKS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
     ("bench_rollout.py", (), ("--requests", "8", "--new-tokens", "8", "--pairs", "2",
-                              "--decode-samples", "2")),
+                              "--decode-samples", "2", "--client-requests", "64",
+                              "--client-rounds", "2")),
     ("bench_replay.py", (), ("--pairs", "2")),
     ("bench_weight_sync.py", (), ("--rounds", "1")),
     ("bench_step_breakdown.py", (), ("--workloads", "16x4x4")),

@@ -43,6 +43,15 @@ class Router:
         with open(log_path, "wb") as log:
             self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         wait_healthy(self.url, api_key=None, timeout_s=60, process=self.process)
+        # The router answers /health before it has registered every worker (under load one
+        # can be missing from /workers for seconds): wait until it lists them all.
+        deadline = time.monotonic() + 60
+        while True:
+            listed = {w["url"] for w in httpx.get(f"{self.url}/workers", timeout=5).json()["workers"]}
+            if listed >= set(workers):
+                break
+            assert time.monotonic() < deadline, f"the router lists {listed}, not {workers}"
+            time.sleep(0.5)
 
     def stop(self) -> None:
         if self.process.poll() is None:
