@@ -190,14 +190,16 @@ class MemoryEstimate:
     optimizer: int
     optimizer_other: int
     """The optimizer state with the distributed optimizer switched the other way."""
+    reference: int = 0
+    """The frozen reference policy of --rl-kl-coef > 0: one more copy of the weights."""
 
     @property
     def total(self) -> int:
-        return self.weights + self.grads + self.optimizer
+        return self.weights + self.grads + self.optimizer + self.reference
 
 
 def memory(stage: StageParams, *, bf16: bool, distributed_optimizer: bool,
-           dp_cp: int, expert_dp: int) -> MemoryEstimate:
+           dp_cp: int, expert_dp: int, reference: bool = False) -> MemoryEstimate:
     """Weights in the training dtype; megatron's DDP keeps fp32 gradient buffers
     (``grad_reduce_in_fp32``); Adam keeps two fp32 moments, plus an fp32 master copy of
     bf16 weights. The distributed optimizer shards that state over dp x cp (dense) and
@@ -205,9 +207,11 @@ def memory(stage: StageParams, *, bf16: bool, distributed_optimizer: bool,
     per_param = 8 + (4 if bf16 else 0)
     whole = stage.total * per_param
     sharded = (math.ceil(stage.dense / dp_cp) + math.ceil(stage.expert / expert_dp)) * per_param
+    weights = stage.total * (2 if bf16 else 4)
     return MemoryEstimate(
         stage=stage.stage,
-        weights=stage.total * (2 if bf16 else 4),
+        weights=weights,
+        reference=weights if reference else 0,
         grads=stage.total * 4,
         optimizer=sharded if distributed_optimizer else whole,
         optimizer_other=whole if distributed_optimizer else sharded,
@@ -291,14 +295,17 @@ def build_plan(run: RunConfig, world_size_source: str = "given") -> Plan:
         model.num_layers) or 1, "cp": cp, "dp": dp, "ep": ep, "expert-tp": etp,
         "expert-dp": expert_dp}
     stages = stage_params(model, parallel)
+    reference = run.stage == "rl" and run.objective.uses_reference
     mem = [memory(s, bf16=training.bf16, distributed_optimizer=training.use_distributed_optimizer,
-                  dp_cp=dp * cp, expert_dp=expert_dp) for s in stages]
+                  dp_cp=dp * cp, expert_dp=expert_dp, reference=reference) for s in stages]
     gbs = training.global_batch_size
     if run.stage == "rl":
         updates = run.rl.num_updates(gbs)
         mini = gbs // updates
         prompts = gbs // run.rl.group_size
-        generated = gbs * run.rollout.max_new_tokens
+        # Dynamic sampling may draw up to --rl-max-sampling-rounds batches of prompts.
+        drawn = run.sampling.max_prompts_per_step(prompts)
+        generated = drawn * run.rl.group_size * run.rollout.max_new_tokens
         routes = route_memory(run, stages, dp)
     else:
         updates, mini, prompts, generated, routes = 1, gbs, gbs, 0, None
@@ -366,9 +373,10 @@ def render(plan: Plan) -> str:
     other = "with" if not training.use_distributed_optimizer else "without"
     lines += ["", f"model memory per GPU (estimate; {dtype}, fp32 grad buffers, Adam, {opt}):"]
     for m in plan.memory:
+        ref = f" + reference {_bytes(m.reference)}" if m.reference else ""
         lines.append(
             f"  stage {m.stage}: weights {_bytes(m.weights)} + grads {_bytes(m.grads)} + "
-            f"optimizer {_bytes(m.optimizer)} = {_bytes(m.total)}  "
+            f"optimizer {_bytes(m.optimizer)}{ref} = {_bytes(m.total)}  "
             f"({other} --use-distributed-optimizer: optimizer {_bytes(m.optimizer_other)})")
     lines.append("  not estimated: activations and logits (grow with --micro-batch-size x "
                  "--seq-length, less with recomputation), communication buffers, the CUDA "
@@ -398,7 +406,9 @@ def render(plan: Plan) -> str:
             f"{t.responses // t.updates} responses, {t.micro_batches_per_update} micro-batch(es) "
             f"of {training.micro_batch_size} per data-parallel rank per update",
             f"  tokens: at most {t.generated_max:,} generated "
-            f"(x --rl-max-new-tokens {run.rollout.max_new_tokens}), at most "
+            f"(x --rl-max-new-tokens {run.rollout.max_new_tokens}"
+            + (f", up to --rl-max-sampling-rounds {run.sampling.max_sampling_rounds} rounds"
+               if run.sampling.filter_groups else "") + "), at most "
             f"{t.trained_max:,} positions per pass over the batch (rows of --seq-length "
             f"{run.model.seq_length})",
             f"  rollout: {_servers(run)}",

@@ -19,7 +19,7 @@ from megatron_rl.arguments import RunConfig, parse_launch
 from megatron_rl.config.flags import ConfigError
 from megatron_rl.distributed import ParallelConfig, planned_world_size
 from megatron_rl.model.config import PRESETS
-from megatron_rl.plan import GROUPS, build_plan, param_count, rank_groups, stage_params
+from megatron_rl.plan import GROUPS, build_plan, param_count, rank_groups, render, stage_params
 
 WORLD = 4
 # name: (ParallelConfig kwargs, build the model too); CP > 1 cannot build on CPU (local
@@ -81,6 +81,25 @@ def test_plan_numbers_of_the_tiny_preset():
     assert r.itemsize == 1 and r.responses_per_dp_rank == 16
     assert r.leader_bytes == 16 * (m.seq_length - 1) * m.num_moe_layers * m.moe_router_topk
     assert plan.tokens.prompts == 8 and plan.tokens.responses == 64
+    assert plan.tokens.generated_max == 64 * run.rollout.max_new_tokens
+    assert mem.reference == 0
+
+
+def test_plan_counts_the_reference_copy_and_the_sampling_rounds():
+    from megatron_rl.loss import ObjectiveConfig
+    from megatron_rl.training.dynamic_sampling import DynamicSamplingConfig
+
+    m = PRESETS["tiny"]
+    run = RunConfig(world_size=1, model=m, objective=ObjectiveConfig(kl_coef=0.1),
+                    sampling=DynamicSamplingConfig(filter_groups=True, max_sampling_rounds=3))
+    plan = build_plan(run)
+    (mem,) = plan.memory
+    (stage,) = plan.stages
+    assert mem.reference == 4 * stage.total  # a frozen fp32 copy, no grads, no Adam
+    assert mem.total == 4 * stage.total + 4 * stage.total + 8 * stage.total + mem.reference
+    assert plan.tokens.generated_max == 3 * 64 * run.rollout.max_new_tokens
+    text = render(plan)
+    assert "+ reference" in text and "--rl-max-sampling-rounds 3" in text
 
 
 def test_world_size_from_the_launcher():
