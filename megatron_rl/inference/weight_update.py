@@ -42,6 +42,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
 from megatron_rl.inference.engine import GenerationEngine
+from megatron_rl.inference.hf_model import WeightUpdateError
 from megatron_rl.weight_sync.group import BACKENDS, UpdateGroup
 
 logger = logging.getLogger(__name__)
@@ -190,11 +191,15 @@ class DistributedUpdates:
             self.held, self.version = {}, None
             if not held:
                 return self.engine.weight_version
-            return self.engine.update_weights_from_tensors(held, version)
+            try:
+                return self.engine.update_weights_from_tensors(held, version)
+            except WeightUpdateError as exc:  # e.g. non-finite weights refused by FP8
+                raise UpdateRefused(f"{exc}. The served weights are unchanged.") from exc
 
     def _hold(self, tensors: list[tuple[str, torch.Tensor]]) -> None:
         """Write each tensor into a copy of its parameter (made on first touch)."""
         problems = []
+        served = None  # the served state dict, read once per bucket and only if needed
         for name, tensor in tensors:
             slot = self.slots.get(name)
             if slot is None:
@@ -202,7 +207,9 @@ class DistributedUpdates:
                 continue
             key, index = slot
             if key not in self.held:
-                self.held[key] = self.engine.model.state_dict()[key].detach().clone()
+                if served is None:
+                    served = self.engine.model.state_dict()
+                self.held[key] = served[key].detach().clone()
             target = self.held[key][index]
             if target.shape != tensor.shape:
                 problems.append(

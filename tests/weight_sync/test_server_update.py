@@ -50,3 +50,46 @@ def test_checkpoint_tensors_fill_the_served_parameters(engine_and_other):
         DistributedUpdates(engine)._hold([("model.layers.1.mlp.experts.99.up_proj.weight",
                                            torch.zeros(128, 128))])  # fmt: skip
     assert updates.checksum() == {"weight_version": "b", "sha256": after} and after != before
+
+
+class _NaNGroup:
+    """Stands in for the weight-update group: every broadcast delivers NaN."""
+
+    device = torch.device("cpu")
+
+    def broadcast(self, buffer: torch.Tensor):
+        buffer.fill_(float("nan"))
+        return self
+
+    def wait(self) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+def test_non_finite_weights_are_refused_as_a_400_not_a_500(engine_and_other):
+    """FP8 quantization refuses non-finite weights; through the distributed path that
+    is the request's fault (UpdateRefused -> 400), and the served bits stay."""
+    from megatron_rl.inference.engine import GenerationEngine
+    from megatron_rl.inference.weight_update import (
+        DistributedUpdates,
+        UpdateFromDistributedIn,
+        UpdateRefused,
+    )
+
+    _, other = engine_and_other
+    engine = GenerationEngine(other, dtype="bf16", quantization="fp8",
+                              load_tokenizer_files=False)
+    try:
+        updates = DistributedUpdates(engine)
+        updates.groups["g"] = _NaNGroup()
+        before = updates.checksum()
+        body = UpdateFromDistributedIn(names=["model.layers.1.mlp.experts.0.up_proj.weight"],
+                                       dtypes=["float32"], shapes=[[128, 128]], group_name="g",
+                                       weight_version="nan")
+        with pytest.raises(UpdateRefused, match="unchanged"):
+            updates.update(body)
+        assert updates.checksum() == before
+    finally:
+        engine.close()
