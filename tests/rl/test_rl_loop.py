@@ -35,6 +35,9 @@ def test_two_rl_steps(replay, mini_batch, coldstart, tmp_path):
         last_update = step * n_updates - 1
         assert row["train/lr"] == pytest.approx(5e-4 * (1 - last_update / (2 * n_updates)))
         assert row["rollout/policy_version"] == row["step"]
+        # --rl-rollout-ahead 0: each batch comes from the weights the step starts with.
+        assert row["rollout/staleness"] == 0.0 and row["rollout/weight_version"] == step - 1
+        assert "time/rollout_ahead" not in row and "time/rollout_wait" not in row
         layers = [k for k in row if k.startswith("mismatch/router_agreement/layer_")]
         assert sorted(layers) == [f"mismatch/router_agreement/layer_{i}" for i in (1, 2, 3)]
         assert 0.0 <= row["mismatch/router_agreement"] <= 1.0
