@@ -9,7 +9,7 @@
    most 1.02. The R2 record pass (forward only, pi_old) is measured the same way.
 2. Bytes per stored expert id (``data.routes.route_dtype``).
 3. Host bytes of route data each rank keeps for its share of a rollout batch, from
-   ``replay.split`` on a Qwen3-30B-A3B shaped batch (48 MoE layers, top-8, 128 experts),
+   ``replay.split`` / ``parallel_layout`` on a Qwen3-30B-A3B shaped batch (48 MoE layers, top-8, 128 experts),
    at PP=1, PP=2 and PP=2 x CP=2, next to int32 routes of all layers (what a rank holds
    when routes are not cut).
 
@@ -197,13 +197,8 @@ def step_overhead(args) -> None:
 def route_memory() -> None:
     from megatron_rl.data.routes import route_dtype
     from megatron_rl.model.config import preset
-    from megatron_rl.replay.split import (
-        moe_layers,
-        pipeline_layers,
-        rank_share_of_microbatch,
-        rank_share_of_sample,
-        stage_moe_positions,
-    )
+    from megatron_rl.parallel_layout import moe_layers, pipeline_layers, stage_moe_positions
+    from megatron_rl.replay.split import rank_share_of_microbatch, rank_share_of_sample
 
     for name in ("tiny", "qwen3-30b-a3b"):
         config = preset(name)

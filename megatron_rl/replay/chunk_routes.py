@@ -16,7 +16,7 @@ import torch
 
 from megatron_rl.data.packing import MicroBatch
 from megatron_rl.data.routes import RouteError, moe_layer_names, validate_microbatch
-from megatron_rl.replay.split import router_order, sp_bounds
+from megatron_rl.parallel_layout import router_order, sp_bounds
 
 
 @dataclass

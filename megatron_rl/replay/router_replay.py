@@ -33,6 +33,7 @@ from megatron.core import parallel_state as ps
 
 from megatron_rl.data.packing import MicroBatch
 from megatron_rl.metrics.stats import Stat
+from megatron_rl.parallel_layout import from_router_order, moe_layers
 from megatron_rl.replay import chunk_routes
 from megatron_rl.replay.binding import (
     ReplayBindingError,
@@ -45,7 +46,6 @@ from megatron_rl.replay.bound_router import BoundRouterReplay, ReplayError
 from megatron_rl.replay.chunk_routes import ChunkRoutes, RankLayout
 from megatron_rl.replay.config import PASS_MODES, PassMode
 from megatron_rl.replay.metrics import RouterMetrics
-from megatron_rl.replay.split import from_router_order, moe_layers
 
 logger = logging.getLogger(__name__)
 

@@ -22,6 +22,7 @@ from megatron.core import parallel_state as ps
 
 from megatron_rl.data.packing import MicroBatch
 from megatron_rl.metrics.stats import Stat
+from megatron_rl.parallel_layout import cp_positions, split_for_cp
 
 LossFn = Callable[[MicroBatch, torch.Tensor], tuple[torch.Tensor, dict[str, Any]]]
 
@@ -63,8 +64,6 @@ def context_parallel_share(batch: MicroBatch) -> MicroBatch:
     cp = ps.get_context_parallel_world_size()
     if cp == 1:
         return batch
-    from megatron_rl.replay.split import split_for_cp
-
     rank = ps.get_context_parallel_rank()
     cut = {name: split_for_cp(getattr(batch, name), 1, cp, rank)
            for name in ("tokens", "position_ids", "labels", "loss_mask", "sample_ids",
@@ -95,8 +94,6 @@ def cp_unsplit(local: torch.Tensor, length: int) -> torch.Tensor:
     if cp == 1:
         return local
     import torch.distributed as dist
-
-    from megatron_rl.replay.split import cp_positions
 
     pieces = [torch.empty_like(local) for _ in range(cp)]
     dist.all_gather(pieces, local.contiguous(), group=ps.get_context_parallel_group())

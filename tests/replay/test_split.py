@@ -9,18 +9,20 @@ import torch
 
 from megatron_rl.data.packing import Sample, split_microbatches
 from megatron_rl.data.routes import compact, padding_routes
-from megatron_rl.replay.split import (
+from megatron_rl.parallel_layout import (
     cp_positions,
     from_router_order,
     moe_layers,
     pipeline_layers,
-    rank_share_of_microbatch,
-    rank_share_of_sample,
     router_order,
-    routes_by_sample,
     sp_share,
     split_for_cp,
     stage_moe_positions,
+)
+from megatron_rl.replay.split import (
+    rank_share_of_microbatch,
+    rank_share_of_sample,
+    routes_by_sample,
 )
 
 E, K, LAYERS = 16, 4, 3
