@@ -131,3 +131,22 @@ def test_step_breakdown_smallest_workload_with_profile(tmp_path):
     if profile:
         assert "megatron_rl/training/" in out  # the loop's own functions in the profile
         assert (tmp_path / "trainer.prof").is_file()
+
+
+def test_rollout_ahead_summary_reads_the_loops_metrics():
+    """bench_rollout_ahead: K = 0's generation is its rollout stage, all of it waited for;
+    K = 1's is the background generation, hidden except for the trainer's wait."""
+    import bench_rollout_ahead
+
+    k0 = [{"time/step": 2.0, "time/rollout": 0.6, "time/logprob": 0.4, "time/update": 1.0,
+           "time/sync": 0.1, "rollout/staleness": 0.0}] * 3
+    k1 = [{"time/step": 1.5, "time/rollout": 0.01, "time/rollout_ahead": 0.8,
+           "time/rollout_wait": 0.19, "time/logprob": 0.4, "time/update": 1.0,
+           "time/sync": 0.1, "rollout/staleness": 1.0}] * 3
+    r0 = bench_rollout_ahead.summarize(0, k0, batch=128)
+    r1 = bench_rollout_ahead.summarize(1, k1, batch=128)
+    assert (r0["samples_per_s"], r0["generate_s"], r0["hidden"]) == (64.0, 0.6, 0.0)
+    assert r1["generate_s"] == 0.8 and r1["trainer_waits_s"] == pytest.approx(0.2)
+    assert r1["hidden"] == pytest.approx(0.75) and r1["staleness"] == 1.0
+    table = bench_rollout_ahead.format_rows([r0, r1])
+    assert "| 1 | 3 | 1.500 | 85.3 | 0.800 | 0.200 | 75% |" in table
