@@ -1,9 +1,9 @@
 """Entry point: RL (or the cold-start SFT stage) of a MoE model on megatron-core.
 
     torchrun --nproc-per-node 2 pretrain_rl.py --stage sft --expert-model-parallel-size 2 \
-        --save runs/coldstart
+        --micro-batch-size 16 --save runs/coldstart
     torchrun --nproc-per-node 2 pretrain_rl.py --expert-model-parallel-size 2 \
-        --load runs/coldstart --routing-replay r3 --save runs/rl
+        --micro-batch-size 16 --load runs/coldstart --routing-replay r3 --save runs/rl
 
 Flags follow Megatron-LM's names; ``--help`` lists them by group.
 """

@@ -13,8 +13,8 @@ from megatron_rl.config.run_view import RunView
 class TrainingConfig:
     """Optimiser and schedule."""
 
-    micro_batch_size: int = 8
-    """Samples per micro-batch on one data-parallel rank."""
+    micro_batch_size: int | None = None
+    """Samples per micro-batch on one data-parallel rank. Required, as in Megatron-LM."""
     global_batch_size: int = 64
     """SFT: samples per optimiser step over all data-parallel ranks. RL: responses per RL
     step (the rollout batch, --rl-group-size responses per prompt), split into
@@ -63,6 +63,9 @@ class TrainingConfig:
                                               and self.overlap_grad_reduce):
             raise ConfigError("--overlap-param-gather needs --use-distributed-optimizer and "
                               "--overlap-grad-reduce")
+        if self.micro_batch_size is None:
+            raise ConfigError("--micro-batch-size is required (as in Megatron-LM): samples "
+                              "per micro-batch on one data-parallel rank")
         if self.micro_batch_size < 1 or self.global_batch_size < 1:
             raise ConfigError("--micro-batch-size and --global-batch-size must be >= 1")
         if self.global_batch_size % (self.micro_batch_size * data_parallel_size):

@@ -20,6 +20,9 @@ from megatron_rl.config.flags import ConfigError
 from megatron_rl.distributed import ParallelConfig, planned_world_size
 from megatron_rl.model.config import PRESETS
 from megatron_rl.plan import GROUPS, build_plan, param_count, rank_groups, render, stage_params
+from megatron_rl.training.config import TrainingConfig
+
+MBS = ["--micro-batch-size", "8"]  # required, as in Megatron-LM
 
 WORLD = 4
 # name: (ParallelConfig kwargs, build the model too); CP > 1 cannot build on CPU (local
@@ -62,7 +65,8 @@ def test_plan_matches_megatron_core(torchrun, tmp_path):
 
 def test_plan_numbers_of_the_tiny_preset():
     m = PRESETS["tiny"]
-    run = RunConfig(world_size=4, model=m, parallel=ParallelConfig(expert_model_parallel_size=2))
+    run = RunConfig(world_size=4, model=m, parallel=ParallelConfig(expert_model_parallel_size=2),
+                    training=TrainingConfig(micro_batch_size=8))
     plan = build_plan(run)
     per_expert = 3 * m.hidden_size * m.moe_ffn_hidden_size
     dense = plan.params.total - plan.params.expert
@@ -91,6 +95,7 @@ def test_plan_counts_the_reference_copy_and_the_sampling_rounds():
 
     m = PRESETS["tiny"]
     run = RunConfig(world_size=1, model=m, objective=ObjectiveConfig(kl_coef=0.1),
+                    training=TrainingConfig(micro_batch_size=8),
                     sampling=DynamicSamplingConfig(filter_groups=True, max_sampling_rounds=3))
     plan = build_plan(run)
     (mem,) = plan.memory
@@ -112,7 +117,7 @@ def test_world_size_from_the_launcher():
         planned_world_size(None, None, {"SLURM_NTASKS": "x"})
     # A real run's --world-size must agree with the launcher.
     with pytest.raises(ConfigError, match="--world-size 4 but the launcher started 1"):
-        parse_launch(["--world-size", "4"])
+        parse_launch(MBS + ["--world-size", "4"])
 
 
 def test_dry_run_entry_point_without_process_groups_or_cuda():
@@ -150,7 +155,7 @@ def test_dry_run_entry_point_without_process_groups_or_cuda():
 def test_dry_run_refuses_what_the_real_run_refuses(capsys):
     import pretrain_rl
 
-    rc = pretrain_rl.main(["--dry-run", "--world-size", "3", "--expert-model-parallel-size", "2"])
+    rc = pretrain_rl.main(MBS + ["--dry-run", "--world-size", "3", "--expert-model-parallel-size", "2"])
     assert rc == 2
     assert "world size 3 is not divisible by expert TP x EP x PP" in capsys.readouterr().err
 
@@ -159,11 +164,11 @@ def test_external_servers_refuse_random_weights(capsys, tmp_path):
     import pretrain_rl
 
     argv = ["--dry-run", "--rl-max-new-tokens", "64", "--rl-rollout-url", "http://10.0.0.5:30000"]
-    assert pretrain_rl.main(argv) == 2
+    assert pretrain_rl.main(MBS + argv) == 2
     err = capsys.readouterr().err
     assert "--rl-rollout-url but no checkpoint to start from" in err
     assert "--rl-allow-random-init" in err
-    assert pretrain_rl.main([*argv, "--rl-allow-random-init"]) == 0
+    assert pretrain_rl.main(MBS + [*argv, "--rl-allow-random-init"]) == 0
     assert "1 server URL(s): http://10.0.0.5:30000" in capsys.readouterr().out
     # SFT never syncs weights to servers: no refusal.
-    assert pretrain_rl.main([*argv, "--stage", "sft", "--global-batch-size", "64"]) == 0
+    assert pretrain_rl.main(MBS + [*argv, "--stage", "sft", "--global-batch-size", "64"]) == 0

@@ -54,9 +54,14 @@ def test_shell_syntax(script):
 
 
 def _hf_dir(tmp_path: Path) -> Path:
+    """Stands in for the user's HF model: the dry run reads its tokenizer (to check that
+    the longest prompt fits --seq-length), nothing else."""
+    from megatron_rl.model.tokenizer import build_char_tokenizer
+
     hf = tmp_path / "hf"
     hf.mkdir()
     (hf / "config.json").write_text("{}")
+    build_char_tokenizer().save_pretrained(hf)
     return hf
 
 

@@ -5,6 +5,8 @@ import pytest
 from megatron_rl.arguments import build_parser, parse_args
 from megatron_rl.config.flags import ConfigError
 
+MBS = ["--micro-batch-size", "8"]  # required, as in Megatron-LM
+
 
 def test_megatron_flag_names_exist():
     text = build_parser().format_help()
@@ -27,7 +29,7 @@ def test_help_comes_from_field_docstrings():
 
 
 def test_preset_then_overrides():
-    run = parse_args(["--model-preset", "qwen3-30b-a3b", "--num-layers", "8",
+    run = parse_args(MBS + ["--model-preset", "qwen3-30b-a3b", "--num-layers", "8",
                       "--moe-layer-freq", "1", "--expert-model-parallel-size", "8"], world_size=8)
     assert run.model.num_layers == 8
     assert run.model.num_experts == 128 and run.model.moe_router_topk == 8
@@ -59,19 +61,19 @@ def test_preset_then_overrides():
 )
 def test_bad_flags_are_refused_with_one_clear_message(argv, world, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
-        parse_args(argv, world_size=world)
+        parse_args(MBS + argv, world_size=world)
 
 
 def test_unknown_choice_is_an_argparse_error(capsys):
     with pytest.raises(SystemExit):
-        parse_args(["--moe-token-dispatcher-type", "magic"], world_size=1)
+        parse_args(MBS + ["--moe-token-dispatcher-type", "magic"], world_size=1)
     assert "invalid choice" in capsys.readouterr().err
 
 
 def test_entry_point_reports_config_errors(capsys):
     import pretrain_rl
 
-    assert pretrain_rl.main(["--tensor-model-parallel-size", "2"]) == 2
+    assert pretrain_rl.main(MBS + ["--tensor-model-parallel-size", "2"]) == 2
     assert "world size 1 is not divisible by TP x PP x CP" in capsys.readouterr().err
 
 
@@ -93,16 +95,16 @@ def test_no_two_flags_share_an_argparse_slot():
 
 
 def test_same_named_fields_of_two_components_do_not_set_each_other():
-    run = parse_args(["--rl-rollout-seed", "9", "--no-rl-rollout-progress"], world_size=1)
+    run = parse_args(MBS + ["--rl-rollout-seed", "9", "--no-rl-rollout-progress"], world_size=1)
     assert run.rollout.seed == 9 and run.training.seed == 1234
     assert run.rollout.progress is False and run.logging.progress is True
-    run = parse_args(["--seed", "7", "--no-progress"], world_size=1)
+    run = parse_args(MBS + ["--seed", "7", "--no-progress"], world_size=1)
     assert run.training.seed == 7 and run.rollout.seed == 1234
     assert run.logging.progress is False and run.rollout.progress is True
 
 
 def test_rl_fields_drop_the_prefix_but_keep_the_flag():
-    run = parse_args(["--rl-group-size", "4", "--global-batch-size", "16", "--rl-objective",
+    run = parse_args(MBS + ["--rl-group-size", "4", "--global-batch-size", "16", "--rl-objective",
                       "grpo", "--rl-task", "chain_sum", "--sft-teacher",
                       "megatron_rl.data.teachers:hedging_teacher"], world_size=1)
     assert run.rl.group_size == 4 and run.objective.objective == "grpo"
@@ -117,9 +119,10 @@ def test_rl_fields_drop_the_prefix_but_keep_the_flag():
 # Not listed: shape flags (--num-layers, --hidden-size, --seq-length, ..., --moe-router-topk,
 # --num-query-groups), which come from --model-preset; flags Megatron-LM leaves unset while
 # ours have an RL meaning or a working value (--lr, --train-iters, --global-batch-size,
-# --micro-batch-size, --save-interval, --eval-interval); --distributed-backend (nccl there,
+# --save-interval, --eval-interval); --distributed-backend (nccl there,
 # chosen by the device here); --moe-router-dtype (ours adds fp32 by default).
 MEGATRON_LM_DEFAULTS = {
+    "--micro-batch-size": None,  # required: a run without it is refused
     "--lr-decay-style": "linear",
     "--lr-decay-iters": None,
     "--lr-warmup-iters": 0,
@@ -180,12 +183,12 @@ def test_shared_flags_have_megatron_lm_defaults():
     text = build_parser().format_help()
     assert "--no-no-" not in text
     # Where RL wants another value the preset carries it (Qwen3's values).
-    run = parse_args([], world_size=1)
+    run = parse_args(MBS + [], world_size=1)
     assert (run.model.norm_epsilon, run.model.rotary_base) == (1e-6, 1e6)
 
 
 def test_megatron_script_flags_are_accepted_and_honoured():
-    run = parse_args([
+    run = parse_args(MBS + [
         "--perform-rl-step", "--grpo-group-size", "4", "--global-batch-size", "16",
         "--grpo-clamp-eps-lower", "0.1", "--grpo-clamp-eps-upper", "0.3",
         "--rl-use-sequence-packing", "--rl-default-temperature", "0.7",
@@ -244,12 +247,12 @@ def test_lr_decay_iters_changes_the_schedule():
 ])
 def test_megatron_values_megatron_rl_cannot_honour_are_refused(argv, message):
     with pytest.raises(ConfigError, match=message):
-        parse_args(argv, world_size=1)
+        parse_args(MBS + argv, world_size=1)
 
 
 def test_recompute_granularity_none_is_not_a_megatron_value(capsys):
     with pytest.raises(SystemExit):
-        parse_args(["--recompute-granularity", "sometimes"], world_size=1)
+        parse_args(MBS + ["--recompute-granularity", "sometimes"], world_size=1)
     assert "invalid choice" in capsys.readouterr().err
 
 
@@ -258,10 +261,15 @@ def test_hardware_is_checked_at_launch_not_in_the_config():
     there is refused with the reason."""
     import torch
 
-    run = parse_args(["--context-parallel-size", "2"], world_size=2)
+    run = parse_args(MBS + ["--context-parallel-size", "2"], world_size=2)
     assert run.parallel.context_parallel_size == 2
     if torch.cuda.is_available():
         run.parallel.check_hardware()
         return
     with pytest.raises(ConfigError, match="context-parallel-size > 1 needs Transformer Engine"):
         run.parallel.check_hardware()
+
+
+def test_micro_batch_size_is_required_as_in_megatron_lm():
+    with pytest.raises(ConfigError, match="--micro-batch-size is required"):
+        parse_args([], world_size=1)

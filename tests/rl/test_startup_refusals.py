@@ -15,6 +15,8 @@ from megatron_rl.arguments import parse_args
 from megatron_rl.config.flags import ConfigError
 from megatron_rl.training.rl_data import check_rollouts_fit
 
+MBS = ["--micro-batch-size", "8"]  # required, as in Megatron-LM
+
 
 def _jsonl(path, rows) -> str:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -47,12 +49,12 @@ def test_longest_prompt_counts_the_items_the_run_uses(tmp_path):
             "--global-batch-size", "2", "--micro-batch-size", "2", "--seq-length", "64",
             "--rl-prompt-template", "{question}", "--rl-max-new-tokens", "10"]
     # Resumed after the long item, for two more prompts: items 1 and 2 only.
-    run = parse_args(base + ["--train-iters", "3"], world_size=1)
+    run = parse_args(MBS + base + ["--train-iters", "3"], world_size=1)
     assert check_rollouts_fit(run, start_step=1, start_position=1) == 12
     # From the start the long item is used: 50 + 10 - 1 = 59 input tokens fit 64 ...
     assert check_rollouts_fit(run) == 50
     # ... and not 58.
-    tight = parse_args(base + ["--train-iters", "3", "--seq-length", "58"], world_size=1)
+    tight = parse_args(MBS + base + ["--train-iters", "3", "--seq-length", "58"], world_size=1)
     with pytest.raises(ConfigError, match=r"--seq-length 58 cannot hold .*training item 0 "
                        r"of --rl-task .*50 tokens.*--rl-max-new-tokens 10 makes 59 input "
                        r"tokens.*Raise --seq-length to 59 or lower --rl-max-new-tokens to 9"):
@@ -64,15 +66,15 @@ def test_longest_prompt_counts_the_items_the_run_uses(tmp_path):
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
 def test_non_finite_float_flags_are_refused(flag, value):
     with pytest.raises(ConfigError, match=f"{flag} {value}: must be a finite number"):
-        parse_args([f"{flag}={value}"], world_size=1)
-    assert not math.isnan(parse_args([], world_size=1).training.lr)
+        parse_args(MBS + [f"{flag}={value}"], world_size=1)
+    assert not math.isnan(parse_args(MBS + [], world_size=1).training.lr)
 
 
 def _reward_task(tmp_path, *extra):
     from megatron_rl.data.tasks import Task
 
     rows = [{"prompt": "q0", "answer": "1"}, {"prompt": "q1", "answer": "2"}]
-    run = parse_args(["--rl-task", _jsonl(tmp_path / "r.jsonl", rows), "--rl-eval-size", "1",
+    run = parse_args(MBS + ["--rl-task", _jsonl(tmp_path / "r.jsonl", rows), "--rl-eval-size", "1",
                       "--rl-reward-function", "tests.rl.test_startup_refusals:echo_reward",
                       *extra], world_size=1)
     return Task(run.task, seed=0)
@@ -137,7 +139,7 @@ def test_malformed_jsonl_line_is_named(tmp_path, line, expected):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"prompt": "q0", "answer": 7}\n' + line + "\n" +
                     '{"prompt": "q2", "answer": "x"}\n')
-    run = parse_args(["--rl-task", str(path), "--rl-eval-size", "1"], world_size=1)
+    run = parse_args(MBS + ["--rl-task", str(path), "--rl-eval-size", "1"], world_size=1)
     with pytest.raises(ConfigError) as caught:
         Task(run.task, seed=0)
     assert str(caught.value).startswith(f"{path} {expected}")
