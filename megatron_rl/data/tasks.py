@@ -47,6 +47,20 @@ class TaskConfig:
     reward_function: str | None = None
     """A user reward function as module:function(response_text, item) -> float; default is
     the task's own scorer."""
+    reward_url: str | None = None
+    """A remote reward service (http(s)://host:port/path) that scores the samples in place of
+    the task's scorer, one request per prompt's group (protocol: megatron_rl/rewards/remote.py
+    and the README); for reward models that need GPUs of their own."""
+    reward_concurrency: int = 8
+    """With --rl-reward-url: most requests in flight to the reward service at once."""
+    reward_retries: int = 3
+    """With --rl-reward-url: retries of a request that meets a connection error, a timeout or
+    a 5xx answer (a 4xx answer fails the step at once)."""
+    reward_timeout_s: float = field(default=60.0, metadata={"flag": "--rl-reward-timeout"})
+    """With --rl-reward-url: seconds one request may take before it counts as failed."""
+    reward_api_key_file: str | None = None
+    """With --rl-reward-url: file holding the service's API key (sent as 'Authorization:
+    Bearer <key>'; chmod 600). Default: $MEGATRON_RL_REWARD_API_KEY, if set."""
     sft_teacher: str | None = field(default=None, metadata={"flag": "--sft-teacher"})
     """The cold start's demonstrator as module:function(item) -> answer text; default: the
     reference answer. megatron_rl.data.teachers holds imperfect teachers, for studying
@@ -69,6 +83,16 @@ class TaskConfig:
             raise ConfigError("--rl-prompt-template must contain {question}")
         if self.task_size < 1 or self.eval_size < 0:
             raise ConfigError("--rl-task-size must be >= 1 and --rl-eval-size >= 0")
+        if self.reward_url is not None:
+            if self.reward_function is not None:
+                raise ConfigError("--rl-reward-url and --rl-reward-function both give the "
+                                  "rewards: give one")
+            if not self.reward_url.startswith(("http://", "https://")):
+                raise ConfigError(f"--rl-reward-url {self.reward_url!r} must be an http:// or "
+                                  "https:// URL")
+        if self.reward_concurrency < 1 or self.reward_retries < 0 or self.reward_timeout_s <= 0:
+            raise ConfigError("--rl-reward-concurrency must be >= 1, --rl-reward-retries >= 0 "
+                              "and --rl-reward-timeout > 0")
         if self.task.endswith(".jsonl"):
             if not os.path.isfile(self.task):
                 raise ConfigError(f"--rl-task {self.task}: no such file")

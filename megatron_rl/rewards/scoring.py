@@ -9,6 +9,8 @@ returns something other than a usable reward (NaN, inf, not a number, beyond
 from __future__ import annotations
 
 import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from megatron_rl.data.tasks import RewardError, Task, TaskItem
 from megatron_rl.metrics.stats import Stat
@@ -54,3 +56,65 @@ def reward_stats(samples: list[RolloutSample]) -> dict[str, Stat]:
         "rollout/truncated_frac": Stat(float(truncated), n, "mean"),
         "rollout/correct_frac": Stat(float(correct), n, "mean"),
     }
+
+
+class GroupScorer:
+    """Scores each prompt's group as soon as its last sample is back, while the rest of the
+    batch is still generating: locally in a worker thread, or as requests to the reward
+    service (``remote``). Feed :meth:`on_sample` from the rollout client's per-sample
+    callback; :meth:`finish` scores whatever never completed a group and waits."""
+
+    def __init__(self, items: dict[int, TaskItem], group_size: int, task: Task, tokenizer,
+                 remote=None) -> None:
+        self.items, self.group_size, self.task, self.tokenizer = items, group_size, task, tokenizer
+        self.remote = remote
+        self._local = None if remote is not None else ThreadPoolExecutor(
+            1, thread_name_prefix="reward")
+        self._pending: dict[int, list[RolloutSample]] = {}
+        self._futures: list[Future] = []
+        self._scored: set[int] = set()
+        self._first: float | None = None
+
+    def on_sample(self, sample: RolloutSample) -> None:
+        group = self._pending.setdefault(sample.prompt_index, [])
+        group.append(sample)
+        if len(group) == self.group_size:
+            self._submit(self._pending.pop(sample.prompt_index))
+
+    def _submit(self, group: list[RolloutSample]) -> None:
+        if self._first is None:
+            self._first = time.perf_counter()
+        self._scored.update(id(s) for s in group)
+        if self.remote is None:
+            self._futures.append(self._local.submit(score_samples, group, self.items,
+                                                    self.task, self.tokenizer))
+            return
+        for sample in group:
+            sample.metadata["response_text"] = self.tokenizer.decode(
+                sample.response_ids, skip_special_tokens=True)
+        self._futures.append(self.remote.submit(group, self.items))
+
+    def finish(self, samples: list[RolloutSample]) -> dict[str, float]:
+        """Wait until every one of ``samples`` is scored. Returns ``time/reward`` (from the
+        first group's scoring to the last reward) and ``time/reward_wait`` (of it, the time
+        after generation returned: the part that did not overlap it)."""
+        returned = time.perf_counter()
+        rest: dict[int, list[RolloutSample]] = {}
+        for s in samples:
+            if id(s) not in self._scored:
+                rest.setdefault(s.prompt_index, []).append(s)
+        for group in rest.values():
+            self._submit(group)
+        try:
+            for future in self._futures:
+                future.result()
+        except BaseException:
+            for future in self._futures:
+                future.cancel()
+            raise
+        finally:
+            if self._local is not None:
+                self._local.shutdown(wait=False, cancel_futures=True)
+        done = time.perf_counter()
+        first = returned if self._first is None else self._first
+        return {"time/reward": done - first, "time/reward_wait": done - returned}
