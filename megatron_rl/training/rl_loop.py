@@ -24,7 +24,8 @@ from megatron_rl.metrics.progress import RLProgress
 from megatron_rl.metrics.stats import Stat, all_reduce_stats, merge_stats, results
 from megatron_rl.metrics.writer import MetricsWriter
 from megatron_rl.model.tokenizer import PromptEncoder, load_tokenizer
-from megatron_rl.rewards import reward_stats, score_samples
+from megatron_rl.rewards import GroupScorer, RemoteRewards, reward_stats
+from megatron_rl.rewards.remote import resolve_api_key
 from megatron_rl.rollout.config import RolloutConfig
 from megatron_rl.rollout.types import RolloutSample
 from megatron_rl.training import checkpoint as ckpt
@@ -140,6 +141,13 @@ class RLLoop:
                          run.model.num_experts),
         )
         self.want_routes = self.replay_mode == "r3" or self.rl.router_agreement
+        task = run.task
+        self.remote_rewards = RemoteRewards(
+            task.reward_url, concurrency=task.reward_concurrency, retries=task.reward_retries,
+            timeout_s=task.reward_timeout_s, api_key=resolve_api_key(task.reward_api_key_file),
+        ) if task.reward_url and self.is_leader else None
+        self.reward_time: dict[str, float] = {}
+        """time/reward and time/reward_wait of the batch being generated, over its rounds."""
         self.service = RolloutService(
             self.engine, run, self.rollout_cfg, self.tokenizer,
             return_routed_experts=self.want_routes, is_leader=self.is_leader,
@@ -258,6 +266,7 @@ class RLLoop:
         version = self.state.policy_version
         items = self.next_prompts()
         record = StepRecord()
+        self.reward_time = {"time/reward": 0.0, "time/reward_wait": 0.0}
         samples: list[RolloutSample] | None = None
         if self.sampler is None:
             if self.is_leader:
@@ -275,6 +284,7 @@ class RLLoop:
         if self.is_leader:
             # Everything below describes the batch that reaches the trainer.
             record.add_stats(reward_stats(samples))
+            record.scalars.update(self.reward_time)
             record.add_stats(_advantages(samples, self.objective))
             record.add_stats(_sample_stats(samples))
         return RolloutBatch(step=step, version=version, samples=samples, stats=record.stats,
@@ -286,11 +296,20 @@ class RLLoop:
         scored; the servers hold weight ``version``. Data-group leaders only."""
         requests = build_requests(items, self.prompts, self.rl.group_size)
         self.progress.start_rollout(len(requests))
-        samples = self.service.generate(requests, f"step{step}",
-                                        on_sample=lambda _: self.progress.rollout_advance())
+        # Each group is scored as soon as its last sample is back, overlapping generation.
+        scorer = GroupScorer(items, self.rl.group_size, self.task, self.tokenizer,
+                             remote=self.remote_rewards)
+
+        def arrived(sample: RolloutSample) -> None:
+            self.progress.rollout_advance()
+            scorer.on_sample(sample)
+
+        samples = self.service.generate(requests, f"step{step}", on_sample=arrived)
+        times = scorer.finish(samples)
+        for name, seconds in times.items():
+            self.reward_time[name] += seconds
         self.service.check_versions(samples, self.rl.weight_version_check,
                                     expected=str(version))
-        score_samples(samples, items, self.task, self.tokenizer)
         return samples
 
     def prepare(self, samples: list[RolloutSample], record: StepRecord):
@@ -444,6 +463,8 @@ class RLLoop:
         self.progress.close()
         self.writer.close()
         self.service.close(clean)
+        if self.remote_rewards is not None:
+            self.remote_rewards.close()
 
 
 def _make_replay(engine: MegatronEngine, run: RunConfig):
