@@ -158,3 +158,12 @@ def test_rl_step_scored_by_the_service(service, coldstart, tmp_path):
     local = score_batch(task, rows)[0]
     assert row["rollout/reward_mean"] == pytest.approx(sum(local) / 16)
     assert 0.0 <= row["time/reward_wait"] <= row["time/reward"]
+
+
+def test_reward_flags_refused_with_the_flag_named():
+    with pytest.raises(Exception, match="--rl-reward-url and --rl-reward-function both"):
+        TaskConfig(reward_url="http://x/score", reward_function="m:f").check()
+    with pytest.raises(Exception, match="must be an http:// or https:// URL"):
+        TaskConfig(reward_url="localhost:8500/score").check()
+    with pytest.raises(Exception, match="--rl-reward-concurrency must be >= 1"):
+        TaskConfig(reward_concurrency=0).check()
