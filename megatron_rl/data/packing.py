@@ -37,6 +37,10 @@ class Sample:
     """[P + R - 1, moe_layers, topk] compact routes to replay (R2/R3)."""
     index: int = 0
     """Index of the sample in its mini-batch (for results that flow back)."""
+    loss_mask: torch.Tensor | None = None
+    """bool [R]: response tokens trained on (False: tool output of a multi-turn rollout,
+    scored by no loss, counted in no normaliser); None: all. Per-token tensors above stay
+    [R] (0 where masked)."""
 
     @property
     def num_inputs(self) -> int:
@@ -45,6 +49,13 @@ class Sample:
     @property
     def response_len(self) -> int:
         return len(self.tokens) - self.prompt_len
+
+    @property
+    def trained_len(self) -> int:
+        """Response tokens the loss sees (its per-response length and global count)."""
+        if self.loss_mask is None:
+            return self.response_len
+        return int(self.loss_mask.sum())
 
 
 @dataclass
@@ -149,7 +160,7 @@ def make_microbatch(
                 )
             local = len(order)
             order.append(sample.index)
-            lengths.append(sample.response_len)
+            lengths.append(sample.trained_len)
             ids = torch.as_tensor(sample.tokens, dtype=torch.long)
             span = slice(offset, offset + n)
             tokens[r, span] = ids[:-1]
@@ -157,7 +168,14 @@ def make_microbatch(
             positions[r, span] = torch.arange(n)
             segments[r, span] = k + 1
             resp = slice(offset + sample.prompt_len - 1, offset + n)
-            loss_mask[r, resp] = True
+            if sample.loss_mask is None:
+                loss_mask[r, resp] = True
+            else:
+                if sample.loss_mask.shape != (sample.response_len,):
+                    raise ValueError(f"sample {sample.index}: loss_mask has shape "
+                                     f"{tuple(sample.loss_mask.shape)}, want "
+                                     f"[{sample.response_len}] (one per response token)")
+                loss_mask[r, resp] = sample.loss_mask.bool()
             sample_ids[r, span] = local
             advantages[r, resp] = float(sample.advantage)
             if sample.old_logprobs is not None:

@@ -38,6 +38,9 @@ class RolloutSample:
     """Experts the inference engine routed each token to, compact integer dtype,
     ``[len(prompt) + len(response) - 1, moe_layers, topk]`` (see data.routes); None
     unless routed experts were requested."""
+    loss_mask: torch.Tensor | None = None
+    """bool [R]: which response tokens are trained on (multi-turn rollouts: the model's
+    own tokens, not tool output); None: all of them."""
     finish_reason: str = "length"
     """'stop', 'length' or 'abort', as the server reported it."""
     weight_version: str | None = None

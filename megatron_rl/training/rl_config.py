@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 from megatron_rl.config.flags import ConfigError
+from megatron_rl.config.import_path import load_callable
 from megatron_rl.config.run_view import RunView
 
 
@@ -43,6 +45,11 @@ class RLConfig:
     version stale (rollout/staleness), which MiniRL's pi_old/mu_old factor corrects and
     R3 replays the generating policy's routes for. The first step (and a resume without a
     generated batch) generates its batch first, staleness 0. Larger K is refused."""
+    rollout_function: str | None = None
+    """A multi-turn (tool) rollout as module:function: a coroutine taking a
+    megatron_rl.rollout.trajectory.RolloutContext (task item, tokenizer, generate() per
+    model turn, insert() for tool tokens) and returning a Trajectory; only the model's
+    tokens are trained on. Example: megatron_rl.rollouts.calculator:calculator_rollout."""
     keep_weight_versions: int = 2
     """Exported weight versions kept on disk for the rollout servers."""
     sync_dir: str | None = None
@@ -115,9 +122,26 @@ class RLConfig:
                 f"--rl-rollout-ahead {self.rollout_ahead}: only 0 (generate, then train) and "
                 f"1 (generate the next batch while training on this one) are supported"
             )
+        if self.rollout_function is not None:
+            if self.rollout_ahead:
+                raise ConfigError(
+                    "--rl-rollout-function with --rl-rollout-ahead 1 is not supported yet "
+                    "(the checkpointed batch does not carry the trajectories' loss masks)")
+            self.load_rollout_function()
         per_rank = mini // dp if mini % dp == 0 else None
         if per_rank is None or per_rank % run.training.micro_batch_size:
             raise ConfigError(
                 f"--rl-mini-batch-size {mini} must split into data-parallel size {dp} x "
                 f"--micro-batch-size {run.training.micro_batch_size} pieces"
             )
+
+    def load_rollout_function(self):
+        """The --rl-rollout-function coroutine function (refused if it is not one)."""
+        try:
+            fn = load_callable(self.rollout_function, what="--rl-rollout-function")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if not inspect.iscoroutinefunction(fn):
+            raise ConfigError(f"--rl-rollout-function {self.rollout_function} is not an async "
+                              f"function (async def fn(ctx: RolloutContext) -> Trajectory)")
+        return fn

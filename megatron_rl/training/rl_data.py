@@ -150,6 +150,7 @@ def to_train_samples(samples: list[RolloutSample], advantages: torch.Tensor) -> 
                 rollout_logprobs=s.rollout_logprobs.float(),
                 routes=s.routes,
                 index=i,
+                loss_mask=s.loss_mask,
             )
         )
     return out

@@ -27,6 +27,7 @@ from megatron_rl.model.tokenizer import PromptEncoder, load_tokenizer
 from megatron_rl.rewards import GroupScorer, RemoteRewards, reward_stats
 from megatron_rl.rewards.remote import resolve_api_key
 from megatron_rl.rollout.config import RolloutConfig
+from megatron_rl.rollout.trajectory import TrajectoryGenerator
 from megatron_rl.rollout.types import RolloutSample
 from megatron_rl.training import checkpoint as ckpt
 from megatron_rl.training.dynamic_sampling import DynamicSampler
@@ -153,6 +154,10 @@ class RLLoop:
             return_routed_experts=self.want_routes, is_leader=self.is_leader,
             sync_dir=self.rl.sync_dir, keep_versions=self.rl.keep_weight_versions,
         )
+        self.trajectories = None if self.rl.rollout_function is None else TrajectoryGenerator(
+            None, self.rl.load_rollout_function(), tokenizer=self.tokenizer,
+            score=self.task.score, max_tokens=run.model.seq_length + 1)
+        """Multi-turn rollouts (--rl-rollout-function); bound to the client when used."""
         self.writer = MetricsWriter(
             run.checkpoint.save, tensorboard_dir=run.logging.tensorboard_dir,
             wandb_project=run.logging.wandb_project, wandb_exp_name=run.logging.wandb_exp_name,
@@ -304,8 +309,15 @@ class RLLoop:
             self.progress.rollout_advance()
             scorer.on_sample(sample)
 
-        samples = self.service.generate(requests, f"step{step}", on_sample=arrived)
-        times = scorer.finish(samples)
+        if self.trajectories is None:
+            samples = self.service.generate(requests, f"step{step}", on_sample=arrived)
+            times = scorer.finish(samples)
+        else:
+            samples = self.service.generate_trajectories(
+                requests, items, f"step{step}", self.trajectories,
+                on_sample=lambda _: self.progress.rollout_advance())
+            # A rollout function may have scored its trajectory itself (its final answer).
+            times = scorer.finish([s for s in samples if s.reward is None])
         for name, seconds in times.items():
             self.reward_time[name] += seconds
         self.service.check_versions(samples, self.rl.weight_version_check,
@@ -497,7 +509,20 @@ def _sample_stats(samples: list[RolloutSample]) -> dict[str, Stat]:
     return {"rollout/num_samples": Stat(float(len(samples)), 1.0, "sum"),
             "rollout/latency_mean": Stat.mean(latency),
             "rollout/latency_max": Stat.extreme(latency, None, "max"),
-            "rollout/stop_frac": Stat.mean(stops)}
+            "rollout/stop_frac": Stat.mean(stops),
+            **_token_stats(samples)}
+
+
+def _token_stats(samples: list[RolloutSample]) -> dict[str, Stat]:
+    """Response tokens; of them, those the model generated (multi-turn rollouts add tool
+    tokens) and those the loss trains on (its mask)."""
+    response = sum(len(s.response_ids) for s in samples)
+    model = sum(s.metadata.get("model_tokens", len(s.response_ids)) for s in samples)
+    trained = sum(len(s.response_ids) if s.loss_mask is None else int(s.loss_mask.sum())
+                  for s in samples)
+    return {"rollout/response_tokens": Stat(float(response), 1.0, "sum"),
+            "rollout/model_tokens": Stat(float(model), 1.0, "sum"),
+            "rollout/trained_tokens": Stat(float(trained), 1.0, "sum")}
 
 
 def _flat_config(run: RunConfig) -> dict[str, Any]:

@@ -165,6 +165,12 @@ def _score(engine, samples, layout, *, into, entropy_stat, replay, replay_mode,
                     samples[index].routes = recorded[batch.sample_ids == local].contiguous()
     for out in outputs:
         for index, logprobs in out["logprobs"].items():
+            mask = samples[index].loss_mask
+            if mask is not None:
+                # The pass scores trained tokens only; per-token tensors span the response.
+                logprobs = torch.zeros(mask.shape, dtype=logprobs.dtype,
+                                       device=logprobs.device).masked_scatter(
+                    mask.bool().to(logprobs.device), logprobs)
             setattr(samples[index], into, logprobs)
     return merge_stats([o["stats"] for o in outputs])
 
@@ -203,7 +209,7 @@ def policy_updates(
         as_old = u == 0 and first_as_old_mode is not None
         mode = first_as_old_mode if as_old else replay_mode
         num_samples = _agreed(len(mini), dist.ReduceOp.SUM) // _dp_replicas()
-        num_tokens = _agreed(sum(s.response_len for s in mini), dist.ReduceOp.SUM) // _dp_replicas()
+        num_tokens = _agreed(sum(s.trained_len for s in mini), dist.ReduceOp.SUM) // _dp_replicas()
         batches, length = make_batches(mini, layout, with_routes=mode in ("replay", "observe"))
         set_global_counts(batches, num_samples, num_tokens)
         forward_step = make_forward_step(policy_loss(objective, temperature, as_old), replay)

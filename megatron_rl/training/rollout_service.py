@@ -25,8 +25,9 @@ from megatron_rl.inference.launcher import (
     start_server_process,
 )
 from megatron_rl.inference.supervisor import ServerSupervisor
-from megatron_rl.rollout.client import RolloutClient
+from megatron_rl.rollout.client import RolloutClient, run_sync
 from megatron_rl.rollout.config import RolloutConfig
+from megatron_rl.rollout.trajectory import TrajectoryGenerator
 from megatron_rl.rollout.types import RolloutRequest, RolloutSample
 from megatron_rl.training.engine import MegatronEngine
 from megatron_rl.weight_sync.broadcast import DistributedWeightUpdater
@@ -118,6 +119,20 @@ class RolloutService:
         if self.supervisor is not None:
             self.supervisor.check()
         return self.client.generate_batch(requests, batch_id, on_sample=on_sample)
+
+    def generate_trajectories(self, requests: list[RolloutRequest], items: dict,
+                              batch_id: str, generator: TrajectoryGenerator,
+                              on_sample: Callable[[RolloutSample], None] | None = None,
+                              ) -> list[RolloutSample]:
+        """Multi-turn rollouts: ``generator``'s function run for every request."""
+        assert self.client is not None, "only data-group leaders generate"
+        if self.supervisor is not None:
+            self.supervisor.check()
+        generator.core = self.client.core
+        shape = ModelShape.from_model_config(self.run.model)
+        route_shape = (len(shape.moe_layers), shape.num_experts_per_tok)
+        return run_sync(generator.generate(requests, items, batch_id, route_shape=route_shape,
+                                           on_sample=on_sample))
 
     def check_versions(self, samples: list[RolloutSample], policy: str,
                        expected: str | None = None) -> None:

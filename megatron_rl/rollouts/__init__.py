@@ -1,0 +1,1 @@
+"""Worked examples of --rl-rollout-function (multi-turn and tool rollouts)."""
