@@ -107,7 +107,11 @@ def test_soak_mixed_good_and_hostile_traffic(checkpoints):
         threads += [threading.Thread(target=hostile_traffic), threading.Thread(target=health)]
         for thread in threads:
             thread.start()
-        time.sleep(duration)
+        # RSS halfway and at the end: the first half warms the allocator up (its high-water
+        # mark differs between torch builds); a leak keeps growing in the second half.
+        time.sleep(duration / 2)
+        rss_mid = server.memory_info().rss
+        time.sleep(duration / 2)
         stop.set()
         for thread in threads:
             thread.join(timeout=120)
@@ -122,7 +126,8 @@ def test_soak_mixed_good_and_hostile_traffic(checkpoints):
         print(f"\nsoak {duration:.0f} s: {served['good']} good requests served, {len(wrong)} wrong; "
               f"hostile: { {k: dict(v) for k, v in errors.items()} }; worst /health "
               f"{health_worst[0] * 1000:.0f} ms; RSS {rss_before / 2**20:.0f} -> "
-              f"{rss_after / 2**20:.0f} MiB; next request after it {idle_latency:.2f} s")  # fmt: skip
+              f"{rss_mid / 2**20:.0f} (halfway) -> {rss_after / 2**20:.0f} MiB; next request "
+              f"after it {idle_latency:.2f} s")  # fmt: skip
         assert not wrong, wrong[:3]
         assert served["good"] >= 3
         for kind, (_, _, status) in HOSTILE.items():
@@ -130,7 +135,11 @@ def test_soak_mixed_good_and_hostile_traffic(checkpoints):
             assert errors[kind] and set(errors[kind]) == {want}, (kind, dict(errors[kind]))
         assert health_worst[0] < 2.0
         assert idle_latency < 5.0
-        assert rss_after - rss_before < 300 * 2**20
+        # Bounded (the request and batch limits hold; the issue saw 7.9 GB) and levelling
+        # off: measured here, 415 -> 1375 -> 1375 MiB over 24 s (allocator high water
+        # reached in the first half); a leak grows as much in the second half as the first.
+        assert rss_after - rss_before < 2048 * 2**20
+        assert rss_after - rss_mid < 0.5 * max(rss_mid - rss_before, 0) + 100 * 2**20
 
         # SIGTERM mid-generation: the server ends its batch and exits within seconds.
         outcome = {}

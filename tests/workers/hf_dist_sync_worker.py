@@ -48,7 +48,7 @@ def main():
     a, b = args.urls
     headers = {"Authorization": f"Bearer {args.api_key}"}
     run = parse_args(
-        ["--rl-rollout-url", a, b, "--rl-rollout-api-key", args.api_key,
+        ["--micro-batch-size", "8", "--rl-rollout-url", a, b, "--rl-rollout-api-key", args.api_key,
          "--rl-weight-sync", "distributed", "--rl-sync-dir", os.path.join(args.dir, "w"),
          "--rl-weight-sync-timeout", "60", "--no-rl-rollout-progress"],
         world_size=2,
