@@ -17,7 +17,8 @@
 #                         takes weight updates from whoever can reach it.
 #   API_KEY=...           require 'Authorization: Bearer <key>' on every endpoint. Handed to
 #                         SGLang in a private YAML file (--config), so it never shows in `ps`.
-#                         Give the trainer the same key (--rl-rollout-api-key).
+#                         Give the trainer the same key through MEGATRON_RL_ROLLOUT_API_KEY
+#                         or --rl-rollout-api-key-file (mode 600), not on its command line.
 #   TP=1, DP=1            tensor parallel size (--tp-size), data-parallel replicas (--dp-size).
 #   MEM_FRACTION=0.8      --mem-fraction-static (lower it when the trainer shares the GPUs).
 #   ORIGINAL_LOGPROB=1    report logprobs at temperature 1 instead of SGLang's default

@@ -526,10 +526,12 @@ def _token_stats(samples: list[RolloutSample]) -> dict[str, Stat]:
 
 
 def _flat_config(run: RunConfig) -> dict[str, Any]:
+    """The run's settings for wandb / tensorboard; secrets never leave the process."""
     out: dict[str, Any] = {"stage": run.stage}
     for name, component in run.components():
         for key, value in asdict(component).items():
-            out[f"{name}.{key}"] = value
+            secret = "api_key" in key and value is not None
+            out[f"{name}.{key}"] = "<redacted>" if secret else value
     return out
 
 

@@ -273,3 +273,12 @@ def test_hardware_is_checked_at_launch_not_in_the_config():
 def test_micro_batch_size_is_required_as_in_megatron_lm():
     with pytest.raises(ConfigError, match="--micro-batch-size is required"):
         parse_args([], world_size=1)
+
+
+def test_logged_config_never_carries_an_api_key():
+    from megatron_rl.training.rl_loop import _flat_config
+
+    run = parse_args(MBS + ["--rl-rollout-api-key", "s3cret"], world_size=1)
+    flat = _flat_config(run)
+    assert "s3cret" not in repr(flat)
+    assert flat["rollout.api_key"] == "<redacted>" and flat["training.seed"] == 1234
