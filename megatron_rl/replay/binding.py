@@ -21,6 +21,8 @@ from megatron.core.transformer.moe.router_replay import RouterReplay
 from megatron.core.transformer.multi_token_prediction import MultiTokenPredictionLayer
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
+from megatron_rl.replay.config import replay_blockers
+
 
 class ReplayBindingError(RuntimeError):
     """The model's routers cannot be bound to routes unambiguously."""
@@ -169,14 +171,6 @@ def drop_from_global_list(ids: set[int]) -> int:
 def check_routers_replayable(config) -> None:
     """Refuse megatron settings under which a replayed top-k would not be what the
     experts receive (``config`` is the model's TransformerConfig)."""
-    problems = []
-    if getattr(config, "moe_router_fusion", False):
-        problems.append("moe_router_fusion (the fused router never consults RouterReplay)")
-    if getattr(config, "moe_token_dispatcher_type", None) == "flex":
-        problems.append("the flex dispatcher (it recomputes top-k from the probabilities)")
-    if getattr(config, "moe_expert_capacity_factor", None) is not None:
-        problems.append("moe_expert_capacity_factor (token dropping discards replayed experts)")
-    if getattr(config, "moe_router_load_balancing_type", None) == "sinkhorn":
-        problems.append("sinkhorn routing (it bypasses the top-k replay hook)")
+    problems = [f"{b.attribute} ({b.why})" for b in replay_blockers(config)]
     if problems:
         raise ReplayBindingError("routing replay cannot be exact with " + "; ".join(problems))

@@ -10,8 +10,9 @@ pi_theta and pi_ref are compared on the same experts; evaluation routes freely.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from megatron_rl.config.flags import ConfigError
 from megatron_rl.config.run_view import RunView
@@ -81,6 +82,43 @@ class ReplayConfig:
         return "replay" if self.routing_replay in ("r2", "r3") else "off"
 
 
+@dataclass(frozen=True)
+class ReplayBlocker:
+    """A megatron-core setting under which a replayed top-k is not what the experts get."""
+
+    attribute: str
+    """Its name on ModelConfig and on megatron-core's TransformerConfig alike."""
+    blocks: Callable[[Any], bool]
+    flag: str
+    why: str
+
+
+REPLAY_BLOCKERS: tuple[ReplayBlocker, ...] = (
+    ReplayBlocker("moe_router_fusion", bool, "--moe-router-fusion",
+                  "Transformer Engine's fused router (moe_router_fusion) computes top-k itself "
+                  "and never consults megatron-core's RouterReplay, so the routers would "
+                  "silently route freely"),
+    ReplayBlocker("moe_token_dispatcher_type", lambda v: v == "flex",
+                  "--moe-token-dispatcher-type flex",
+                  "the flex dispatcher (DeepEP) recomputes top-k from the probabilities and "
+                  "can undo the replayed experts; use allgather or alltoall"),
+    ReplayBlocker("moe_expert_capacity_factor", lambda v: v is not None,
+                  "--moe-expert-capacity-factor",
+                  "token dropping discards replayed experts"),
+    ReplayBlocker("moe_router_load_balancing_type", lambda v: v == "sinkhorn",
+                  "--moe-router-load-balancing-type sinkhorn",
+                  "sinkhorn routing bypasses the top-k replay hook"),
+)
+"""The one statement of when replay can be exact: checked at start-up on the flags
+(:func:`check_model_supports_replay`) and again on the built model's TransformerConfig
+when a replay pass starts (``replay.binding.check_routers_replayable``)."""
+
+
+def replay_blockers(config: Any) -> list[ReplayBlocker]:
+    """The blockers set in ``config`` (a ModelConfig or a TransformerConfig)."""
+    return [b for b in REPLAY_BLOCKERS if b.blocks(getattr(config, b.attribute, None))]
+
+
 def check_model_supports_replay(model: ModelConfig, *, flag: str = "routing replay") -> None:
     """Raise :class:`ConfigError` for a model whose routers cannot replay exactly."""
     if model.num_experts < 1 or model.num_moe_layers == 0:
@@ -88,15 +126,5 @@ def check_model_supports_replay(model: ModelConfig, *, flag: str = "routing repl
             f"{flag} needs MoE layers, but --moe-layer-freq {model.moe_layer_freq!r} makes "
             f"every one of the {model.num_layers} layers dense"
         )
-    if model.moe_router_fusion:
-        raise ConfigError(
-            f"{flag} cannot be combined with --moe-router-fusion: Transformer Engine's fused "
-            "router computes top-k itself and never consults megatron-core's RouterReplay, "
-            "so the routers would silently route freely"
-        )
-    if model.moe_token_dispatcher_type == "flex":
-        raise ConfigError(
-            f"{flag} cannot be combined with --moe-token-dispatcher-type flex: the flex "
-            "(DeepEP) dispatcher recomputes top-k from the probabilities and can undo the "
-            "replayed experts; use allgather or alltoall"
-        )
+    for blocker in replay_blockers(model):
+        raise ConfigError(f"{flag} cannot be combined with {blocker.flag}: {blocker.why}")

@@ -44,7 +44,7 @@ from megatron_rl.replay.binding import (
 )
 from megatron_rl.replay.bound_router import BoundRouterReplay, ReplayError
 from megatron_rl.replay.chunk_routes import ChunkRoutes, RankLayout
-from megatron_rl.replay.config import PASS_MODES, PassMode
+from megatron_rl.replay.config import PASS_MODES, PassMode, replay_blockers
 from megatron_rl.replay.metrics import RouterMetrics
 
 logger = logging.getLogger(__name__)
@@ -188,11 +188,9 @@ class RoutingReplay:
             self._pending.clear()
 
     def _check_observable(self) -> None:
-        if getattr(self.config, "moe_router_fusion", False):
-            raise ReplayError(
-                "the fused router (moe_router_fusion) never consults RouterReplay: routes can "
-                "be neither recorded nor observed"
-            )
+        fused = [b for b in replay_blockers(self.config) if b.attribute == "moe_router_fusion"]
+        if fused:
+            raise ReplayError(f"{fused[0].why}: routes can be neither recorded nor observed")
 
     def routes_for(self, chunk: int) -> ChunkRoutes | None:
         """The routes of the micro-batch model chunk ``chunk`` is running (None: free)."""

@@ -80,3 +80,25 @@ def test_binding_refuses_megatron_settings_that_undo_replay(change, message):
     check_routers_replayable(SimpleNamespace(**base))
     with pytest.raises(ReplayBindingError, match=message):
         check_routers_replayable(SimpleNamespace(**{**base, **change}))
+
+
+def test_one_table_decides_when_replay_can_be_exact():
+    """The start-up check (flags) and the pass-time check (TransformerConfig) state the
+    same reasons, from REPLAY_BLOCKERS."""
+    from megatron_rl.replay.binding import ReplayBindingError, check_routers_replayable
+    from megatron_rl.replay.config import REPLAY_BLOCKERS, check_model_supports_replay
+
+    base = dict(moe_router_fusion=False, moe_token_dispatcher_type="alltoall",
+                moe_expert_capacity_factor=None, moe_router_load_balancing_type="aux_loss",
+                num_experts=16, num_moe_layers=3)
+    bad = {"moe_router_fusion": True, "moe_token_dispatcher_type": "flex",
+           "moe_expert_capacity_factor": 1.0, "moe_router_load_balancing_type": "sinkhorn"}
+    assert {b.attribute for b in REPLAY_BLOCKERS} == set(bad)
+    for blocker in REPLAY_BLOCKERS:
+        config = SimpleNamespace(**{**base, blocker.attribute: bad[blocker.attribute]})
+        with pytest.raises(ConfigError) as at_start:
+            check_model_supports_replay(config, flag="--routing-replay r3")
+        with pytest.raises(ReplayBindingError) as at_pass:
+            check_routers_replayable(config)
+        assert blocker.why in str(at_start.value) and blocker.flag in str(at_start.value)
+        assert blocker.why in str(at_pass.value)
