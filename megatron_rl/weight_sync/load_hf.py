@@ -261,11 +261,3 @@ def load_hf_weights(
     logger.info("loaded %d parameters from %s", count, hf_dir)
     return count
 
-
-def load_hf_into_engine(engine: Any, hf_dir: str | os.PathLike) -> int:
-    """:func:`load_hf_weights` into a :class:`~megatron_rl.training.engine.MegatronEngine`,
-    refreshing the optimiser's fp32 main copies of the parameters when it has one."""
-    count = load_hf_weights(engine.chunks, engine.model_config, hf_dir)
-    if engine.optimizer is not None:
-        engine.optimizer.reload_model_params()
-    return count

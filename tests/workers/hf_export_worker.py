@@ -66,7 +66,7 @@ def main():
     from megatron_rl.model.config import PRESETS
     from megatron_rl.training.checkpoint import save_checkpoint
     from megatron_rl.weight_sync.export import export_hf
-    from megatron_rl.weight_sync.load_hf import load_hf_into_engine
+    from megatron_rl.weight_sync.load_hf import load_hf_weights
 
     model = PRESETS["tiny"]
     engine = build_engine(
@@ -89,7 +89,9 @@ def main():
         if is_writer():
             torch.save({"tokens": tokens, "logits": logits}, args.logits)
     if args.load_hf:
-        record["loaded"] = load_hf_into_engine(engine, args.load_hf)
+        record["loaded"] = load_hf_weights(engine.chunks, engine.model_config, args.load_hf)
+        if engine.optimizer is not None:  # the optimiser's fp32 main copies follow
+            engine.optimizer.reload_model_params()
         if args.loaded_logits:
             logits = megatron_logits(engine, tokens)
             if is_writer():
