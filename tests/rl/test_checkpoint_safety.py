@@ -121,7 +121,8 @@ def test_truncated_shard_is_named_at_startup(coldstart, tmp_path):
     # The largest shard: file names differ between megatron-core versions and layouts.
     shard = max((ckpt_dir / ITER).glob("*.distcp"), key=lambda p: p.stat().st_size)
     shard.write_bytes(shard.read_bytes()[:1000])
-    proc = _run_plain(["--stage", "sft", "--load", str(ckpt_dir), "--save", str(tmp_path / "o")])
+    proc = _run_plain(["--stage", "sft", "--micro-batch-size", "8", "--load", str(ckpt_dir),
+                       "--save", str(tmp_path / "o")])
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert f"pretrain_rl.py: error: {shard} is truncated: 1000 bytes" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -168,7 +169,8 @@ def test_garbage_tracker_falls_back_to_the_newest_intact_checkpoint(coldstart, t
     tracker = ckpt_dir / ckpt.TRACKER
     tracker.write_text("\x00garbage")
     # SFT resumed at its last step: the load is the whole run.
-    proc = _run_plain(["--stage", "sft", "--train-iters", "3", "--load", str(ckpt_dir),
+    proc = _run_plain(["--stage", "sft", "--micro-batch-size", "8", "--train-iters", "3",
+                       "--load", str(ckpt_dir),
                        "--save", str(tmp_path / "out"), "--no-progress"])
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
