@@ -33,6 +33,9 @@ from megatron_rl.weight_sync.group import UpdateGroup, address_towards, free_por
 
 logger = logging.getLogger(__name__)
 
+REFUSAL_GRACE_S = 5.0
+"""How long the other servers get to answer once one refused an update."""
+
 
 @dataclass(frozen=True)
 class BroadcastStats:
@@ -180,17 +183,29 @@ class DistributedWeightUpdater:
         """Post to every server while this side's part of the collective runs.
         ``start_work()`` starts it and returns ``done()`` (True once finished). A server
         that answers an error before joining would leave this side waiting until the
-        group's timeout: give up as soon as one does."""
-        with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
-            futures = [pool.submit(self._post, *r) for r in requests]
+        group's timeout: give up as soon as one does, after giving the others
+        ``REFUSAL_GRACE_S`` to answer too, so the error names every server that refused
+        (each usually refuses the same bucket at once) and those that did not answer."""
+        pool = concurrent.futures.ThreadPoolExecutor(len(requests))
+        try:
+            futures = {pool.submit(self._post, *r): r[0] for r in requests}
             done = start_work()
             while not done():
-                failed = [f.result() for f in futures if f.done() and f.result()]
-                if failed:
+                if any(f.done() and f.result() for f in futures):
                     self.group = None  # abandoned mid-collective: never reuse it
+                    concurrent.futures.wait(futures, timeout=REFUSAL_GRACE_S)
+                    failed = [
+                        (f.result() if f.done() else f"{url}: no answer {REFUSAL_GRACE_S:g} s "
+                         "after another server refused the update")
+                        for f, url in futures.items() if not f.done() or f.result()
+                    ]  # fmt: skip
                     raise RuntimeError("; ".join(failed))
                 time.sleep(0.001)
             errors = [e for e in (f.result() for f in futures) if e]
+        finally:
+            # A server still inside the abandoned collective answers when its group times
+            # out; its thread must not hold the trainer until then.
+            pool.shutdown(wait=False, cancel_futures=True)
         if errors:
             raise RuntimeError("; ".join(errors))
 
