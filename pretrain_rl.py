@@ -44,11 +44,6 @@ def main(argv: list[str] | None = None) -> int:
 
         print(render(build_plan(run, launch.world_size_source)))
         return 0
-    from megatron_rl import cpu_adaptation
-
-    # megatron-core on a machine without CUDA (a no-op where CUDA is): here, before any
-    # megatron module runs, rather than as a side effect deep in the loop.
-    cpu_adaptation.activate()
     if run.stage == "sft":
         from megatron_rl.training.sft import run_sft
 

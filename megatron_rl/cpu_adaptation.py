@@ -11,16 +11,9 @@ difference).
 The adaptations, found by running GPTModel (MoE), DistributedDataParallel, the megatron
 optimizers, the pipeline schedules and dist_checkpointing under torchrun with gloo:
 
-* ``_redirect_cuda_devices``: tensor factories (``torch.zeros``, ``Tensor.new_zeros``,
-  ...) and ``Tensor.to()`` calls that name ``"cuda"`` or a device index are rewritten to
-  the CPU, and ``Tensor.cuda()`` returns the tensor itself. Only the functions that take a
-  device are wrapped, not every torch call: a process-wide ``TorchFunctionMode`` did the
-  same and cost about 8% of every trainer pass, since each operation of the model went
-  through it. Each rewrite is counted by call site (:func:`redirected_sites`), which
-  shows where megatron-core still names CUDA: with megatron-core 0.16-0.19 only its
-  optimiser (construction, gradient norm and clipping) and the pipeline schedules'
-  token counter; the model's forward and backward name none (they ask
-  ``torch.cuda.current_device()``, answered below).
+* ``_redirect_cuda_devices``: tensor factories and ``.to()`` calls that name ``"cuda"``
+  or a device index are rewritten to the CPU by a ``TorchFunctionMode``, and
+  ``Tensor.cuda()`` returns the tensor itself.
 * ``_cpu_device_queries``: ``torch.cuda.current_device()`` and friends answer as a
   single-device machine would, so the values they feed into factories stay valid.
 * ``_cpu_streams_and_events``: streams, events and synchronisation are no-ops (the CPU
@@ -28,10 +21,6 @@ optimizers, the pipeline schedules and dist_checkpointing under torchrun with gl
 * ``_cpu_rng``: megatron's CUDA RNG tracker forks the CPU generator instead.
 * ``_cuda_type_strings``: ``Tensor.type()`` reports the CUDA type names that megatron's
   optimizers and gradient clipping assert on.
-
-:func:`activate` is called explicitly by the entry points (``pretrain_rl.py``) and, as a
-no-op when already active, by :func:`megatron_rl.distributed.init_distributed`, so that
-any program that starts megatron's parallel state on a CPU gets it.
 * ``_moe_utils_without_transformer_engine``: megatron-core 0.16 references
   ``te_general_gemm`` in router gating without defining it when Transformer Engine is
   missing.
@@ -41,34 +30,20 @@ any program that starts megatron's parallel state on a CPU gets it.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import functools
 import logging
-import sys
 from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 logger = logging.getLogger(__name__)
 
 # (owner, attribute name, original value) for everything activate() replaced.
 _replaced: list[tuple[Any, str, Any]] = []
-_active = False
-# "file:line function" of each caller whose CUDA device or type name was rewritten.
-_sites: collections.Counter[str] = collections.Counter()
-
-# The torch functions and Tensor methods that take a ``device`` keyword (the factories).
-# megatron-core 0.16-0.19 calls zeros, tensor and empty with device="cuda"; the others are
-# wrapped so that a megatron release that starts using them also runs.
-_TORCH_FACTORIES = (
-    "zeros", "ones", "empty", "full", "tensor", "as_tensor", "arange", "range", "linspace",
-    "logspace", "eye", "rand", "randn", "randint", "randperm", "zeros_like", "ones_like",
-    "empty_like", "full_like", "rand_like", "randn_like", "randint_like", "empty_strided",
-    "scalar_tensor", "tril_indices", "triu_indices",
-)  # fmt: skip
-_TENSOR_FACTORIES = ("new_zeros", "new_ones", "new_empty", "new_full", "new_tensor")
+_mode: TorchFunctionMode | None = None
 
 _CUDA_TYPE_NAMES = {
     "torch.FloatTensor": "torch.cuda.FloatTensor",
@@ -84,26 +59,7 @@ _CUDA_TYPE_NAMES = {
 
 def is_active() -> bool:
     """Whether the CPU adaptation is currently applied."""
-    return _active
-
-
-def redirected_sites() -> dict[str, int]:
-    """How many times each call site (``"path:line function"``, the path from the
-    package on) had a CUDA device or type name rewritten since :func:`activate` or the
-    last :func:`reset_sites`."""
-    return dict(_sites)
-
-
-def reset_sites() -> None:
-    _sites.clear()
-
-
-def _count_site(depth: int = 2) -> None:
-    """Count the caller ``depth`` frames up (only on a rewrite, which is rare)."""
-    frame = sys._getframe(depth)
-    path = frame.f_code.co_filename
-    path = path.rsplit("site-packages/", 1)[-1]
-    _sites[f"{path}:{frame.f_lineno} {frame.f_code.co_name}"] += 1
+    return _mode is not None
 
 
 def needed() -> bool:
@@ -126,63 +82,36 @@ def _is_cuda_device(device: Any) -> bool:
     return False
 
 
-def _factory_on_cpu(factory: Callable) -> Callable:
-    @functools.wraps(factory)
-    def on_cpu(*args: Any, **kwargs: Any) -> Any:
+class _CpuDeviceMode(TorchFunctionMode):
+    """Rewrites CUDA device arguments of every torch call to the CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
         device = kwargs.get("device")
         if device is not None and _is_cuda_device(device):
-            kwargs["device"] = "cpu"
-            _count_site()
-        return factory(*args, **kwargs)
-
-    return on_cpu
-
-
-def _tensor_to_on_cpu(to: Callable) -> Callable:
-    @functools.wraps(to)
-    def on_cpu(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if args and _is_cuda_device(args[0]):
-            args = ("cpu", *args[1:])
-            _count_site()
-        device = kwargs.get("device")
-        if device is not None and _is_cuda_device(device):
-            kwargs["device"] = "cpu"
-            _count_site()
-        return to(self, *args, **kwargs)
-
-    return on_cpu
-
-
-def _tensor_type_named_cuda(type_: Callable) -> Callable:
-    @functools.wraps(type_)
-    def cuda_name(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if args or kwargs:  # a cast, not a query
-            return type_(self, *args, **kwargs)
-        name = type_(self)
-        if name in _CUDA_TYPE_NAMES:
-            _count_site()
-            return _CUDA_TYPE_NAMES[name]
-        return name
-
-    return cuda_name
+            kwargs = dict(kwargs, device="cpu")
+        if func is torch.Tensor.to and args and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        elif func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return _CUDA_TYPE_NAMES.get(name, name)
+        return func(*args, **kwargs)
 
 
 def _redirect_cuda_devices() -> None:
     """megatron creates tensors with ``device="cuda"`` / ``torch.cuda.current_device()``
     and moves them with ``.cuda()``; on CPU all of these must land on the CPU."""
-    for name in _TORCH_FACTORIES:
-        _replace(torch, name, _factory_on_cpu(getattr(torch, name)))
-    for name in _TENSOR_FACTORIES:
-        _replace(torch.Tensor, name, _factory_on_cpu(getattr(torch.Tensor, name)))
-    _replace(torch.Tensor, "to", _tensor_to_on_cpu(torch.Tensor.to))
+    global _mode
+    _mode = _CpuDeviceMode()
+    _mode.__enter__()
     _replace(torch.Tensor, "cuda", lambda self, *args, **kwargs: self)
     _replace(torch.nn.Module, "cuda", lambda self, *args, **kwargs: self)
 
 
 def _cuda_type_strings() -> None:
-    """``Tensor.type()`` with no argument returns the CUDA name, because megatron's
-    optimizers and clip_grads assert ``'torch.cuda.FloatTensor'``."""
-    _replace(torch.Tensor, "type", _tensor_type_named_cuda(torch.Tensor.type))
+    """Handled inside the device mode: ``Tensor.type()`` with no argument returns the CUDA
+    name, because megatron's optimizers and clip_grads assert ``'torch.cuda.FloatTensor'``.
+    Kept as a named step so the list above stays the complete inventory."""
 
 
 def _cpu_device_queries() -> None:
@@ -312,24 +241,23 @@ def activate(force: bool = False) -> bool:
     """Apply every adaptation if CUDA is unavailable (or ``force``). Idempotent.
 
     Returns whether the adaptation is active afterwards."""
-    global _active
     if is_active():
         return True
     if not (force or needed()):
         return False
     for adaptation in _ADAPTATIONS:
         adaptation()
-    _active = True
     logger.info("megatron-core CPU adaptation active (%d redirections)", len(_replaced))
     return True
 
 
 def deactivate() -> None:
     """Undo :func:`activate`."""
-    global _active
-    if not _active:
+    global _mode
+    if _mode is None:
         return
-    _active = False
+    _mode.__exit__(None, None, None)
+    _mode = None
     while _replaced:
         owner, name, value = _replaced.pop()
         setattr(owner, name, value)

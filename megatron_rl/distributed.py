@@ -188,9 +188,7 @@ def planned_world_size(
 def init_distributed(parallel: ParallelConfig, num_layers: int, seed: int) -> None:
     """Start torch.distributed and megatron's parallel_state; seed every RNG.
 
-    Also activates the CPU adaptation of megatron-core when CUDA is unavailable (a no-op
-    when the entry point already did, as pretrain_rl.py does; programs that use megatron_rl
-    as a library get it here)."""
+    Also activates the CPU adaptation of megatron-core when CUDA is unavailable."""
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 

@@ -7,7 +7,6 @@ the optimiser update itself is layout-independent.
 """
 
 import pytest
-import torch
 from torchrun_launch import WORKERS
 
 WORKER = WORKERS / "train_layout.py"
@@ -48,26 +47,3 @@ def test_layout_matches_single_process(layout, reference, torchrun, tmp_path):
         assert record["grad_norms"] == pytest.approx(ref["grad_norms"], rel=NORM_RTOL)
     # The reference itself must have learned something, or equal losses prove little.
     assert ref["losses"][1] < ref["losses"][0]
-    for record in records:
-        assert_cuda_named_only_outside_the_model(record["redirected_sites"])
-
-
-# Where megatron-core still names CUDA, so the CPU adaptation rewrites the device or type
-# name (megatron_rl.cpu_adaptation.redirected_sites): its optimiser and the schedules'
-# token counter, a handful of calls per step. A site in the model's forward or backward
-# would run per layer or per token; a new one should be looked at, not just allowed.
-REDIRECT_SITE_MODULES = (
-    "megatron/core/optimizer/",
-    "megatron/core/pipeline_parallel/schedules.py:",
-    "megatron/core/utils.py:",
-)
-MAX_REDIRECT_SITES = 12
-
-
-def assert_cuda_named_only_outside_the_model(sites: dict[str, int]) -> None:
-    if torch.cuda.is_available():
-        assert sites == {}
-        return
-    outside = [s for s in sites if not s.startswith(REDIRECT_SITE_MODULES)]
-    assert outside == [], f"CUDA named outside megatron's optimiser and schedules: {outside}"
-    assert 0 < len(sites) <= MAX_REDIRECT_SITES, sorted(sites)

@@ -108,10 +108,7 @@ def main():
             ckpt.save_checkpoint(engine, args.save, step + 1, {})
         if args.dump_at == step + 1:
             dump()
-    from megatron_rl import cpu_adaptation
-
-    record = {"losses": losses, "grad_norms": norms, "rank": rank,
-              "redirected_sites": cpu_adaptation.redirected_sites()}
+    record = {"losses": losses, "grad_norms": norms, "rank": rank}
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as handle:
         json.dump(record, handle)
 
