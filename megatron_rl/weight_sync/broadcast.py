@@ -192,7 +192,7 @@ class DistributedWeightUpdater:
             done = start_work()
             while not done():
                 if any(f.done() and f.result() for f in futures):
-                    self.group = None  # abandoned mid-collective: never reuse it
+                    # Abandoned mid-collective: the caller drops the group (push closes it).
                     concurrent.futures.wait(futures, timeout=REFUSAL_GRACE_S)
                     failed = [
                         (f.result() if f.done() else f"{url}: no answer {REFUSAL_GRACE_S:g} s "

@@ -234,3 +234,60 @@ def test_distributed_update_with_sglang(tmp_path):
         updater.close()
         process.terminate()
         process.wait(timeout=60)
+
+
+class _Backend:
+    def __init__(self):
+        self.shut = False
+
+    def shutdown(self):
+        self.shut = True
+
+
+def test_a_refused_update_names_every_server_and_releases_the_group(monkeypatch):
+    """One server refuses at once, one answers within the grace, one never answers: the
+    error names all three (the silent one as not answering), the trainer does not wait
+    for the silent one, and the abandoned group's backends are shut down."""
+    import threading
+    import time
+
+    from megatron_rl.weight_sync import broadcast
+    from megatron_rl.weight_sync.group import UpdateGroup
+
+    monkeypatch.setattr(broadcast, "REFUSAL_GRACE_S", 0.5)
+    release = threading.Event()
+
+    def post(url, path, body):
+        if url == "http://b":
+            time.sleep(0.1)
+            return "http://b/update: HTTP 400: shape"
+        if url == "http://c":
+            release.wait(30)
+            return None
+        return "http://a/update: HTTP 400: shape"
+
+    updater = DistributedWeightUpdater()
+    monkeypatch.setattr(updater, "_post", post)
+    group = UpdateGroup.__new__(UpdateGroup)
+    backend = _Backend()
+    group._backends, group.group_name = [backend], "g"
+    updater.group = group
+    started = time.monotonic()
+    try:
+        with pytest.raises(RuntimeError) as info:
+            try:
+                updater._collective(
+                    [(u, "/update", {}) for u in ("http://a", "http://b", "http://c")],
+                    lambda: lambda: False,  # this side's broadcast never finishes
+                )
+            except BaseException:
+                updater.close()  # what push() does on any failure
+                raise
+        elapsed = time.monotonic() - started
+    finally:
+        release.set()
+    message = str(info.value)
+    assert "http://a/update: HTTP 400" in message and "http://b/update: HTTP 400" in message
+    assert "http://c: no answer 0.5 s after another server refused" in message
+    assert elapsed < 5, elapsed
+    assert backend.shut and updater.group is None
