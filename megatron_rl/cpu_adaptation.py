@@ -13,7 +13,14 @@ optimizers, the pipeline schedules and dist_checkpointing under torchrun with gl
 
 * ``_redirect_cuda_devices``: tensor factories and ``.to()`` calls that name ``"cuda"``
   or a device index are rewritten to the CPU by a ``TorchFunctionMode``, and
-  ``Tensor.cuda()`` returns the tensor itself.
+  ``Tensor.cuda()`` returns the tensor itself. The mode is torch's own mechanism, so it
+  composes with ``with torch.device(...)`` contexts (which find factories by identity:
+  replacing ``torch.tensor`` & co. by Python wrappers instead left transformers' rotary
+  buffers uninitialised when a Hugging Face model was loaded in the same process). Its
+  Python hook on every torch call costs ~8% of a trainer pass, so the model's forward
+  and the loss run with it suspended (:func:`device_mode_suspended`): they name no CUDA
+  device (megatron asks ``torch.cuda.current_device()``, answered below), which the
+  parallel-layout tests prove on every layout by running them that way.
 * ``_cpu_device_queries``: ``torch.cuda.current_device()`` and friends answer as a
   single-device machine would, so the values they feed into factories stay valid.
 * ``_cpu_streams_and_events``: streams, events and synchronisation are no-ops (the CPU
@@ -33,11 +40,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from torch.overrides import TorchFunctionMode
+from torch.overrides import TorchFunctionMode, _get_current_function_mode
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +103,23 @@ class _CpuDeviceMode(TorchFunctionMode):
             name = func(*args)
             return _CUDA_TYPE_NAMES.get(name, name)
         return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def device_mode_suspended() -> Iterator[None]:
+    """Run a block without the device-redirect mode (a no-op where the adaptation is not
+    active or another mode was entered above it). For code known not to name CUDA
+    devices: the model's forward and the loss. A CUDA device named there anyway fails
+    loudly ("Torch not compiled with CUDA enabled"), it is never silently mis-placed."""
+    mode = _mode
+    if mode is None or _get_current_function_mode() is not mode:
+        yield
+        return
+    mode.__exit__(None, None, None)
+    try:
+        yield
+    finally:
+        mode.__enter__()
 
 
 def _redirect_cuda_devices() -> None:

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import torch
 from megatron.core import parallel_state as ps
 
+from megatron_rl.cpu_adaptation import device_mode_suspended
 from megatron_rl.data.packing import MicroBatch
 from megatron_rl.metrics.stats import Stat
 from megatron_rl.parallel_layout import cp_positions, split_for_cp
@@ -49,7 +50,8 @@ def _counts_for_megatron(batch: MicroBatch) -> torch.Tensor:
 
 
 def _loss_func(batch: MicroBatch, loss_fn: LossFn, output: torch.Tensor):
-    loss, info = loss_fn(batch, output)
+    with device_mode_suspended():
+        loss, info = loss_fn(batch, output)
     info = dict(info)
     info.setdefault("loss", loss.detach())
     info["key"] = batch.key
@@ -109,7 +111,7 @@ def make_forward_step(loss_fn: LossFn, replay: ReplayHook | None = None):
     def forward_step(data_iterator: Iterator[MicroBatch], model: torch.nn.Module):
         batch = context_parallel_share(next(data_iterator))
         context = replay.microbatch(batch, model) if replay is not None else contextlib.nullcontext()
-        with context:
+        with device_mode_suspended(), context:
             output = model(batch.tokens, batch.position_ids, batch.attention_mask)
         if replay is not None:
             output = replay.mark_output(output, batch)

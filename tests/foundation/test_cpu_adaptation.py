@@ -80,3 +80,25 @@ def test_moe_router_gating_runs_without_transformer_engine(adapted):
     w = torch.randn(3, 8)
     out = moe_utils.router_gating_linear(x, w, None, torch.float32)
     assert torch.allclose(out, x @ w.T, atol=1e-6)
+
+
+def test_suspended_device_mode_fails_loudly_and_comes_back(adapted):
+    """The model's forward and the loss run with the device mode suspended: a CUDA device
+    named there raises instead of landing anywhere, and the mode is back afterwards."""
+    with cpu_adaptation.device_mode_suspended():
+        assert torch.zeros(1).type() == "torch.FloatTensor"
+        # Device queries stay answered (megatron feeds them to factories in the forward).
+        assert torch.zeros(1, device=torch.cuda.current_device()).device.type == "cpu"
+        with pytest.raises((RuntimeError, AssertionError)):
+            torch.zeros(1, device="cuda")
+    assert torch.zeros(1, device="cuda").device.type == "cpu"
+
+
+def test_suspension_leaves_a_mode_entered_above_it_alone(adapted):
+    """Under another function mode (e.g. ``with torch.device(...)``), suspending would pop
+    the wrong mode: it does nothing."""
+    with torch.device("meta"):
+        with cpu_adaptation.device_mode_suspended():
+            assert torch.zeros(1).device.type == "meta"
+            assert torch.zeros(1, device="cuda").device.type == "cpu"
+    assert torch.zeros(1).device.type == "cpu"
