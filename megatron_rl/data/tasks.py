@@ -33,6 +33,13 @@ class TaskConfig:
     """Items in the procedural training set (the stream cycles through it)."""
     eval_size: int = 128
     """Held-out items for evaluation (excluded from training)."""
+    eval_seed: int | None = None
+    """Seed of the held-out set of a reasoning-gym task; default --seed + 1000003. Give
+    the cold start and the RL runs started from it the same value when their --seed
+    differ: the held-out set is then one set, excluded from every stage's training.
+    Otherwise an RL run's held-out problems may have been in the cold start's training
+    stream (small tasks such as 1-digit chain_sum have only a few thousand distinct
+    problems), and its 'held-out' accuracy measures recall."""
     prompt_template: str = "{question} "
     """Python format string turning an item's question into the prompt."""
     chat_template: bool = False
@@ -217,7 +224,8 @@ def _reasoning_gym_task(config: TaskConfig, seed: int):
             config.task, size=config.task_size, seed=seed, **settings
         )
         held = reasoning_gym.create_dataset(
-            config.task, size=max(config.eval_size, 1), seed=seed + 1_000_003, **settings
+            config.task, size=max(config.eval_size, 1),
+            seed=seed + 1_000_003 if config.eval_seed is None else config.eval_seed, **settings
         )
     except (KeyError, ValueError, TypeError) as exc:
         raise ConfigError(f"--rl-task {config.task!r} with {settings}: {exc}") from exc

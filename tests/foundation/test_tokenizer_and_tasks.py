@@ -44,6 +44,25 @@ def test_task_stream_is_deterministic_and_excludes_held_out():
     assert not held & {i.entry["question"] for i in a.next_items(0, 2000)[0]}
 
 
+def test_one_eval_seed_gives_stages_of_different_seeds_one_held_out_set():
+    """A cold start (seed 1234) and an RL run (seed 1): with their own held-out sets the
+    RL run's 'held-out' problems are in the cold start's training stream (1-digit
+    chain_sum has a few thousand distinct problems); with one --rl-eval-seed they are
+    one set, excluded from both streams."""
+    def questions(items):
+        return {i.entry["question"] for i in items}
+
+    coldstart, rl = Task(TaskConfig(), seed=1234), Task(TaskConfig(), seed=1)
+    leaked = questions(rl.eval_items()) & questions(coldstart.next_items(0, 20_000)[0])
+    assert len(leaked) > 64
+    shared = TaskConfig(eval_seed=77)
+    coldstart, rl = Task(shared, seed=1234), Task(shared, seed=1)
+    held = questions(rl.eval_items())
+    assert held == questions(coldstart.eval_items()) and len(held) > 100
+    assert not held & questions(coldstart.next_items(0, 20_000)[0])
+    assert not held & questions(rl.next_items(0, 20_000)[0])
+
+
 def test_task_scores_with_reasoning_gym():
     task = Task(TaskConfig(), seed=1)
     item = task.next_items(0, 1)[0][0]
