@@ -22,6 +22,7 @@ from megatron_rl.study.summary import (
     FIDELITY,
     KL,
     REWARD,
+    SAMPLED_ACCURACY,
     load_metrics,
     series,
 )
@@ -32,6 +33,7 @@ logger = logging.getLogger(__name__)
 METRICS: list[tuple[str, str, bool]] = [
     (REWARD, "training reward", True),
     (ACCURACY, "held-out accuracy (greedy)", False),
+    (SAMPLED_ACCURACY, "held-out accuracy (sampled, avg@K)", False),
     (ENTROPY, "token entropy", True),
     (KL, "training-inference KL  E[log mu_old - log pi_old]", True),
     (AGREEMENT, "router agreement", True),
@@ -97,7 +99,7 @@ def _draw(ax, config: Config, runs_rows: list[list[dict]], metric: str, smoothed
     if not xs:
         return False
     ax.plot(xs, mean, color=colour, label=f"{config.label} ({len(curves)} seeds)", lw=1.6,
-            marker="o" if metric == ACCURACY or len(xs) < 4 else None, ms=3)
+            marker="o" if metric in (ACCURACY, SAMPLED_ACCURACY) or len(xs) < 4 else None, ms=3)
     if len(curves) > 1:
         ax.fill_between(xs, low, high, color=colour, alpha=0.18, lw=0)
     return True

@@ -44,7 +44,11 @@ class StudySettings:
     eval_every: int = 8
     """Held-out evaluation (and checkpoint) every this many updates; a multiple of every N."""
     eval_size: int = 128
-    """Held-out prompts (greedy decoding)."""
+    """Held-out prompts (greedy decoding, and eval_samples sampled responses each)."""
+    eval_samples: int = 8
+    """Responses sampled per held-out prompt at the rollouts' temperature (--eval-samples):
+    the held-out accuracy of the policy RL optimises (avg@K); greedy decoding shows its
+    mode only, which RL's sharpening of the distribution does not move."""
     eval_seed: int = 2_000_003
     """Seed of the held-out set, one for the cold start and every run (--rl-eval-seed):
     with the runs' own seeds, 98 of the 116 distinct held-out chain_sum problems of seeds
@@ -88,6 +92,8 @@ class StudySettings:
                      "micro_batch_size", "max_new_tokens", "coldstart_iters"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be at least 1")
+        if self.eval_samples < 0:
+            raise SettingsError("eval_samples must be at least 0")
         if self.group_size < 2:
             raise SettingsError("group_size must be at least 2 (group advantages)")
         for n in sorted(set(ns)):
@@ -134,6 +140,7 @@ def run_args(s: StudySettings, spec: RunSpec, coldstart: Path, run_dir: Path) ->
         "--rl-rollout-dtype", s.rollout_dtype, "--rl-rollout-threads", str(s.threads),
         "--rl-rollout-quantization", s.rollout_quantization,
         "--rl-eval-size", str(s.eval_size), "--rl-eval-seed", str(s.eval_seed),
+        "--eval-samples", str(s.eval_samples),
         "--lr", str(s.lr), "--lr-decay-style", "constant", "--adam-beta2", "0.95",
         "--seed", str(spec.seed), "--rl-rollout-seed", str(spec.seed),
         "--no-progress", "--no-rl-rollout-progress",

@@ -19,14 +19,15 @@ from megatron_rl.study.grid import Config, RunSpec
 
 REWARD = "rollout/reward_mean"
 ACCURACY = "eval/accuracy"
+SAMPLED_ACCURACY = "eval/sampled_accuracy"
 ENTROPY = "train/entropy"
 KL = "mismatch/kl"
 AGREEMENT = "mismatch/router_agreement"
 FIDELITY = "replay/fidelity"
 
 COLLAPSE_RATIO = 0.5
-"""A run counts as collapsed when its final held-out accuracy, or its training reward
-over the last updates, is below this fraction of the best it reached before (the
+"""A run counts as collapsed when its final held-out accuracy (greedy or sampled), or its
+training reward over the last updates, is below this fraction of the best it reached before (the
 cold-start accuracy included) and at least :data:`COLLAPSE_MIN_DROP` below it: a drop
 no seed-to-seed noise of a stable run explains."""
 COLLAPSE_MIN_DROP = 0.05
@@ -91,6 +92,8 @@ class RunSummary:
     initial_accuracy: float
     final_accuracy: float
     best_accuracy: float
+    initial_sampled_accuracy: float
+    final_sampled_accuracy: float
     reward_last: float
     reward_best: float
     entropy_last: float
@@ -107,6 +110,7 @@ class RunSummary:
         start = updates * (1.0 - tail)
         window = max(updates * tail, n)
         acc_x, acc = series(rows, ACCURACY, n)
+        sam_x, sam = series(rows, SAMPLED_ACCURACY, n)
         rew_x, rew = series(rows, REWARD, n)
         ent_x, ent = series(rows, ENTROPY, n)
         # Step time without the held-out evaluation some steps include.
@@ -117,10 +121,14 @@ class RunSummary:
         reward_last = _mean(_tail(rew_x, rew, start))
         reward_best = _rolling_best(rew_x, rew, window) if rew else math.nan
         best_acc = max(acc) if acc else math.nan
-        collapsed = bool((acc and _fell(final, best_acc)) or (rew and _fell(reward_last, reward_best)))
+        collapsed = bool((acc and _fell(final, best_acc))
+                         or (sam and _fell(sam[-1], max(sam)))
+                         or (rew and _fell(reward_last, reward_best)))
         return cls(
             spec=spec, steps=updates // n if n else 0, updates=updates,
             initial_accuracy=initial, final_accuracy=final, best_accuracy=best_acc,
+            initial_sampled_accuracy=sam[0] if sam and sam_x[0] == 0 else math.nan,
+            final_sampled_accuracy=sam[-1] if sam else math.nan,
             reward_last=reward_last, reward_best=reward_best,
             entropy_last=_mean(_tail(ent_x, ent, start)),
             kl=_mean(series(rows, KL, n)[1]),
@@ -136,6 +144,8 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("initial_accuracy", "cold-start acc", "{:.3f}"),
     ("final_accuracy", "final held-out acc", "{:.3f}"),
     ("best_accuracy", "best held-out acc", "{:.3f}"),
+    ("initial_sampled_accuracy", "cold-start sampled acc", "{:.3f}"),
+    ("final_sampled_accuracy", "final sampled acc", "{:.3f}"),
     ("reward_last", "reward (last 25%)", "{:.3f}"),
     ("kl", "train-infer KL", "{:.2e}"),
     ("router_agreement", "router agreement", "{:.4f}"),
@@ -208,7 +218,8 @@ def write_csv(summaries: Sequence[ConfigSummary], path: Path) -> None:
 
 def write_runs_csv(summaries: Sequence[ConfigSummary], path: Path) -> None:
     """One row per run (the seeds the table averages)."""
-    fields = ["initial_accuracy", "final_accuracy", "best_accuracy", "reward_last",
+    fields = ["initial_accuracy", "final_accuracy", "best_accuracy",
+              "initial_sampled_accuracy", "final_sampled_accuracy", "reward_last",
               "reward_best", "entropy_last", "kl", "router_agreement", "replay_fidelity",
               "step_s", "collapsed", "steps", "updates"]
     with open(path, "w", newline="") as handle:
@@ -222,5 +233,5 @@ def write_runs_csv(summaries: Sequence[ConfigSummary], path: Path) -> None:
                                    else int(getattr(r, f)) for f in fields])
 
 
-__all__ = ["COLLAPSE_MIN_DROP", "COLLAPSE_RATIO", "COLUMNS", "ConfigSummary", "RunSummary", "load_metrics",
+__all__ = ["COLLAPSE_MIN_DROP", "COLLAPSE_RATIO", "COLUMNS", "SAMPLED_ACCURACY", "ConfigSummary", "RunSummary", "load_metrics",
            "markdown_table", "series", "summarize", "write_csv", "write_runs_csv"]

@@ -134,7 +134,8 @@ class LoggingConfig:
 
 @dataclass(kw_only=True, frozen=True)
 class EvalConfig:
-    """Held-out evaluation (greedy decoding)."""
+    """Held-out evaluation: greedy decoding with the trainer's model, and in RL runs
+    optionally K samples per prompt from the rollout servers."""
 
     eval_interval: int = 0
     """Evaluate every N steps (0: only before the first and after the last step)."""
@@ -142,6 +143,13 @@ class EvalConfig:
     """Longest greedy answer generated during evaluation."""
     eval_micro_batch_size: int = 32
     """Prompts per forward pass during evaluation."""
+    eval_samples: int = 0
+    """RL only: also sample this many responses per held-out prompt on the rollout
+    servers, with the rollouts' sampling settings (temperature, top-p, max new tokens),
+    and report their mean accuracy (eval/sampled_accuracy, avg@K: the accuracy of the
+    policy RL optimises, where greedy decoding shows only its mode) and eval/pass_at_k.
+    Each (prompt, sample) keeps one sampling seed across evaluations, so two evaluations
+    differ by the weights, not by the draws. 0: greedy only."""
 
     def validate(self, run: RunView) -> None:
         if self.eval_max_new_tokens < 1 or self.eval_micro_batch_size < 1:
@@ -149,3 +157,5 @@ class EvalConfig:
                 f"--eval-max-new-tokens ({self.eval_max_new_tokens}) and "
                 f"--eval-micro-batch-size ({self.eval_micro_batch_size}) must be >= 1"
             )
+        if self.eval_samples < 0:
+            raise ConfigError(f"--eval-samples must be >= 0, got {self.eval_samples}")

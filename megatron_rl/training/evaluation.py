@@ -1,11 +1,15 @@
-"""Held-out evaluation: greedy decoding with the trainer's own model, scored by the task."""
+"""Held-out evaluation, scored by the task: greedy decoding with the trainer's own model,
+and (RL) K sampled responses per prompt from the rollout servers."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from megatron_rl.data.tasks import Task, TaskItem
 from megatron_rl.model.tokenizer import PromptEncoder
+from megatron_rl.rewards.scoring import score_samples
+from megatron_rl.rollout.types import RolloutRequest, RolloutSample
 from megatron_rl.training.engine import MegatronEngine
 from megatron_rl.training.generate import greedy_generate
 
@@ -49,3 +53,38 @@ def evaluate(engine: MegatronEngine, task: Task, tokenizer, run) -> dict[str, fl
             "eval/response_length_mean": sum(len(o) for o in outputs) / len(outputs)}
 
 
+
+
+def sampled_evaluate(generate: Callable[[list[RolloutRequest]], list[RolloutSample]],
+                     task: Task, tokenizer, encode: Callable[[str], list[int]],
+                     samples: int) -> dict[str, float]:
+    """Accuracy of ``samples`` sampled responses per held-out prompt.
+
+    ``generate`` turns the requests into samples (the rollout servers, with the rollouts'
+    sampling settings); request ``(prompt i, sample j)`` must keep its sampling seed from
+    one evaluation to the next, so that evaluations differ by the weights only."""
+    items = dict(enumerate(task.eval_items()))
+    if not items or samples < 1:
+        return {}
+    requests = [RolloutRequest(prompt_index=i, sample_index=j, prompt_ids=ids)
+                for i, item in items.items() for ids in [encode(item.prompt)]
+                for j in range(samples)]
+    results = generate(requests)
+    if len(results) != len(requests):
+        raise RuntimeError(f"sampled evaluation: {len(results)} responses for "
+                           f"{len(requests)} requests")
+    score_samples(results, items, task, tokenizer)
+    correct: dict[int, int] = {}
+    for sample in results:
+        correct[sample.prompt_index] = (correct.get(sample.prompt_index, 0)
+                                        + (sample.reward >= 1.0))
+    n = len(results)
+    return {
+        "eval/sampled_accuracy": sum(correct.values()) / n,
+        "eval/pass_at_k": sum(1 for c in correct.values() if c) / len(items),
+        "eval/sampled_reward_mean": sum(s.reward for s in results) / n,
+        # Like eval/response_length_mean, without the stop token that ended a response.
+        "eval/sampled_response_length_mean": sum(
+            len(s.response_ids) - (s.finish_reason == "stop") for s in results) / n,
+        "eval/sampled_truncated_frac": sum(s.finish_reason == "length" for s in results) / n,
+    }

@@ -28,11 +28,11 @@ from megatron_rl.rewards import GroupScorer, RemoteRewards, reward_stats
 from megatron_rl.rewards.remote import resolve_api_key
 from megatron_rl.rollout.config import RolloutConfig
 from megatron_rl.rollout.trajectory import TrajectoryGenerator
-from megatron_rl.rollout.types import RolloutSample
+from megatron_rl.rollout.types import RolloutRequest, RolloutSample
 from megatron_rl.training import checkpoint as ckpt
 from megatron_rl.training.dynamic_sampling import DynamicSampler
 from megatron_rl.training.engine import MegatronEngine, data_parallel_info
-from megatron_rl.training.evaluation import evaluate
+from megatron_rl.training.evaluation import evaluate, sampled_evaluate
 from megatron_rl.training.reference import COMMON_KEY as REFERENCE_KEY
 from megatron_rl.training.reference import ReferencePolicy, start_checkpoint
 from megatron_rl.training.rl_config import RLConfig
@@ -175,7 +175,7 @@ class RLLoop:
         self.service.start(version=self.state.policy_version)
         metrics: dict[str, float] = {}
         if self.state.step == 0 and run.evaluation.eval_interval >= 0:
-            metrics = evaluate(self.engine, self.task, self.tokenizer, run)
+            metrics = self.evaluate()
             self.writer.write(0, metrics)
         while self.state.step < run.training.train_iters:
             metrics = self.step()
@@ -399,8 +399,25 @@ class RLLoop:
         interval = self.run.evaluation.eval_interval
         if (interval and step % interval == 0) or step == self.run.training.train_iters:
             t0 = time.perf_counter()
-            record.scalars.update(evaluate(self.engine, self.task, self.tokenizer, self.run))
+            record.scalars.update(self.evaluate())
             record.scalars["time/eval"] = time.perf_counter() - t0
+
+    def evaluate(self) -> dict[str, float]:
+        """Greedy held-out accuracy (collective); with --eval-samples, global rank 0 (a
+        data-group leader, the rank that writes metrics) adds the sampled accuracy of the
+        weights the servers hold now, which are the trainer's (evaluation follows the
+        sync)."""
+        metrics = evaluate(self.engine, self.task, self.tokenizer, self.run)
+        count = self.run.evaluation.eval_samples
+        if count and dist.get_rank() == 0:
+            def generate(requests: list[RolloutRequest]) -> list[RolloutSample]:
+                samples = self.service.generate(requests, "eval")
+                self.service.check_versions(samples, self.rl.weight_version_check)
+                return samples
+
+            metrics.update(sampled_evaluate(generate, self.task, self.tokenizer,
+                                            self.prompts, count))
+        return metrics
 
     def finish_step(self, step: int, record: StepRecord) -> dict[str, float]:
         stats = all_reduce_stats(record.stats)

@@ -57,6 +57,9 @@ def test_preset_then_overrides():
         (["--rl-task-config", "{bad"], 1, "--rl-task-config is not valid JSON"),
         (["--tensor-model-parallel-size", "2", "--sequence-parallel", "--vocab-size", "127"], 2,
          "--vocab-size 127 is not divisible by --tensor-model-parallel-size 2"),
+        (["--stage", "sft", "--eval-samples", "4"], 1,
+         "--eval-samples samples on the rollout servers, which only an RL run"),
+        (["--eval-samples", "-1"], 1, "--eval-samples must be >= 0"),
     ],
 )
 def test_bad_flags_are_refused_with_one_clear_message(argv, world, message):

@@ -64,6 +64,24 @@ def test_collapse_indicator(tmp_path, rewards, accuracy, collapsed):
     assert RunSummary.from_rows(spec, rows).collapsed is collapsed
 
 
+@pytest.mark.parametrize("sampled, collapsed", [
+    ({0: 0.40, 4: 0.45, 8: 0.50}, False),
+    ({0: 0.40, 4: 0.45, 8: 0.15}, True),   # the sampled accuracy falls below half its best
+])
+def test_sampled_accuracy_figures_and_collapse(tmp_path, sampled, collapsed):
+    spec = RunSpec(Config("minirl", 1, "none"), 1)
+    write_run(tmp_path / "r", [0.4] * 8, {0: 0.6, 4: 0.6, 8: 0.6})
+    path = tmp_path / "r" / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for row in rows:
+        if row["step"] in sampled:
+            row["eval/sampled_accuracy"] = sampled[row["step"]]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s = RunSummary.from_rows(spec, load_metrics(path))
+    assert (s.initial_sampled_accuracy, s.final_sampled_accuracy) == (0.40, sampled[8])
+    assert s.collapsed is collapsed
+
+
 def test_seeds_are_averaged_per_configuration_and_written(tmp_path):
     runs = []
     for seed, acc in ((1, 0.6), (2, 0.8)):
