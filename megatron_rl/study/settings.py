@@ -73,6 +73,10 @@ class StudySettings:
     """Supervised steps of the cold start (shared by every run)."""
     coldstart_lr: float = 2e-3
     """Peak learning rate of the cold start (cosine decay, 10 warm-up steps)."""
+    coldstart_decay_iters: int = 0
+    """Steps the cold start's cosine decays over (--lr-decay-iters); 0: coldstart_iters.
+    Larger: the cold start stops early on a longer schedule, exactly the checkpoint of
+    step coldstart_iters of that longer run (an under-trained model RL can improve)."""
     coldstart_batch: int = 64
     """Examples per cold-start step."""
     coldstart_seed: int = 1234
@@ -92,6 +96,9 @@ class StudySettings:
                      "micro_batch_size", "max_new_tokens", "coldstart_iters"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be at least 1")
+        if self.coldstart_decay_iters and self.coldstart_decay_iters < self.coldstart_iters:
+            raise SettingsError(f"coldstart_decay_iters {self.coldstart_decay_iters} is shorter "
+                                f"than coldstart_iters {self.coldstart_iters}")
         if self.eval_samples < 0:
             raise SettingsError("eval_samples must be at least 0")
         if self.group_size < 2:
@@ -114,6 +121,7 @@ def coldstart_args(s: StudySettings, directory: Path) -> list[str]:
         "--global-batch-size", str(s.coldstart_batch),
         "--micro-batch-size", str(min(32, s.coldstart_batch)), "--lr", str(s.coldstart_lr),
         "--lr-decay-style", "cosine", "--adam-beta2", "0.95",
+        "--lr-decay-iters", str(s.coldstart_decay_iters or s.coldstart_iters),
         "--lr-warmup-iters", "10", "--eval-interval", str(max(1, s.coldstart_iters // 4)),
         "--save-interval", str(max(1, s.coldstart_iters // 4)),
         "--rl-eval-size", str(s.eval_size), "--rl-eval-seed", str(s.eval_seed),

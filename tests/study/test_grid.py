@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from megatron_rl.study.grid import Config, GridError, RunSpec, configs_of, expand, parse_grid
-from megatron_rl.study.settings import SettingsError, StudySettings, run_args
+from megatron_rl.study.settings import SettingsError, StudySettings, coldstart_args, run_args
 
 
 def _pairs(args: list[str]) -> dict[str, str | None]:
@@ -95,7 +95,20 @@ def test_extra_flags_reach_every_run_last():
     assert a[-2:] == ["--rl-is-cap", "2"]
 
 
+def test_a_cold_start_can_stop_early_on_a_longer_schedule():
+    full = coldstart_args(StudySettings(coldstart_iters=800), Path("/c"))
+    early = coldstart_args(StudySettings(coldstart_iters=650, coldstart_decay_iters=800),
+                           Path("/c"))
+    assert _flag(full, "--lr-decay-iters") == _flag(early, "--lr-decay-iters") == "800"
+    assert (_flag(full, "--train-iters"), _flag(early, "--train-iters")) == ("800", "650")
+    # Same data, seed and schedule otherwise: step 650 of the full run, stopped there.
+    differing = {k for k, v in _pairs(full).items() if _pairs(early)[k] != v}
+    assert differing == {"--train-iters", "--eval-interval", "--save-interval"}
+
+
 @pytest.mark.parametrize("fields, ns", [
+    ({"coldstart_iters": 800, "coldstart_decay_iters": 600}, [1]),
+    ({"eval_samples": -1}, [1]),
     ({"updates": 6}, [1, 4]),
     ({"eval_every": 2}, [4]),
     ({"group_size": 1}, [1]),
