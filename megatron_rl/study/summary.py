@@ -32,10 +32,24 @@ cold-start accuracy included) and at least :data:`COLLAPSE_MIN_DROP` below it: a
 no seed-to-seed noise of a stable run explains."""
 COLLAPSE_MIN_DROP = 0.05
 """Smallest absolute drop (accuracy or reward) that can count as a collapse."""
+COLLAPSE_KL_FACTOR = 10.0
+"""A run also counts as collapsed when its training-inference KL over the last updates is
+more than this many times its KL over the first updates (the same fraction of the run)
+and above :data:`COLLAPSE_KL_FLOOR`: the mismatch blow-up that precedes the paper's
+collapses. Stable runs here stay at 2-5e-3 throughout."""
+COLLAPSE_KL_FLOOR = 1e-2
+"""Smallest last-updates KL that can count as a blow-up."""
 
 
 def _fell(last: float, best: float) -> bool:
     return last < COLLAPSE_RATIO * best and best - last >= COLLAPSE_MIN_DROP
+
+
+def _blew_up(last: float, first: float) -> bool:
+    """KL over the last updates against the first (the k1 estimate can dip below 0 while
+    the policies agree: that counts as 0; a run with no first-window KL compares with 0)."""
+    baseline = max(first, 0.0) if first == first else 0.0
+    return last > COLLAPSE_KL_FLOOR and last > COLLAPSE_KL_FACTOR * baseline
 
 
 def load_metrics(path: Path) -> list[dict]:
@@ -102,6 +116,8 @@ class RunSummary:
     replay_fidelity: float
     step_s: float
     collapsed: bool
+    collapse_reason: str = ""
+    """Which signals fired ("reward", "held-out accuracy", "sampled accuracy", "kl")."""
 
     @classmethod
     def from_rows(cls, spec: RunSpec, rows: Sequence[dict], tail: float = 0.25) -> RunSummary:
@@ -121,9 +137,16 @@ class RunSummary:
         reward_last = _mean(_tail(rew_x, rew, start))
         reward_best = _rolling_best(rew_x, rew, window) if rew else math.nan
         best_acc = max(acc) if acc else math.nan
-        collapsed = bool((acc and _fell(final, best_acc))
-                         or (sam and _fell(sam[-1], max(sam)))
-                         or (rew and _fell(reward_last, reward_best)))
+        kl_x, kl = series(rows, KL, n)
+        kl_first = _mean([y for x, y in zip(kl_x, kl, strict=True) if x <= updates * tail])
+        kl_last = _mean(_tail(kl_x, kl, start))
+        signals = {
+            "held-out accuracy": bool(acc) and _fell(final, best_acc),
+            "sampled accuracy": bool(sam) and _fell(sam[-1], max(sam)),
+            "reward": bool(rew) and _fell(reward_last, reward_best),
+            "kl": _blew_up(kl_last, kl_first),
+        }
+        reasons = [name for name, fired in signals.items() if fired]
         return cls(
             spec=spec, steps=updates // n if n else 0, updates=updates,
             initial_accuracy=initial, final_accuracy=final, best_accuracy=best_acc,
@@ -135,7 +158,7 @@ class RunSummary:
             router_agreement=_mean(series(rows, AGREEMENT, n)[1]),
             replay_fidelity=_mean(series(rows, FIDELITY, n)[1]),
             step_s=statistics.median(times) if times else math.nan,
-            collapsed=collapsed,
+            collapsed=bool(reasons), collapse_reason="+".join(reasons),
         )
 
 
@@ -221,7 +244,7 @@ def write_runs_csv(summaries: Sequence[ConfigSummary], path: Path) -> None:
     fields = ["initial_accuracy", "final_accuracy", "best_accuracy",
               "initial_sampled_accuracy", "final_sampled_accuracy", "reward_last",
               "reward_best", "entropy_last", "kl", "router_agreement", "replay_fidelity",
-              "step_s", "collapsed", "steps", "updates"]
+              "step_s", "collapsed", "collapse_reason", "steps", "updates"]
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["run", "objective", "n", "replay", "seed", *fields])
@@ -229,9 +252,14 @@ def write_runs_csv(summaries: Sequence[ConfigSummary], path: Path) -> None:
             for r in s.runs:
                 c = r.spec.config
                 writer.writerow([r.spec.name, c.objective, c.n, c.replay, r.spec.seed]
-                                + [f"{getattr(r, f):.6g}" if isinstance(getattr(r, f), float)
-                                   else int(getattr(r, f)) for f in fields])
+                                + [_csv_value(getattr(r, f)) for f in fields])
 
 
-__all__ = ["COLLAPSE_MIN_DROP", "COLLAPSE_RATIO", "COLUMNS", "SAMPLED_ACCURACY", "ConfigSummary", "RunSummary", "load_metrics",
+def _csv_value(value):
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return value if isinstance(value, str) else int(value)
+
+
+__all__ = ["COLLAPSE_KL_FACTOR", "COLLAPSE_KL_FLOOR", "COLLAPSE_MIN_DROP", "COLLAPSE_RATIO", "COLUMNS", "SAMPLED_ACCURACY", "ConfigSummary", "RunSummary", "load_metrics",
            "markdown_table", "series", "summarize", "write_csv", "write_runs_csv"]

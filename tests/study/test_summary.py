@@ -82,6 +82,25 @@ def test_sampled_accuracy_figures_and_collapse(tmp_path, sampled, collapsed):
     assert s.collapsed is collapsed
 
 
+@pytest.mark.parametrize("late_kl, collapsed", [
+    (4e-3, False),    # within the stable runs' range
+    (8e-3, False),    # 8x the start, but below the floor
+    (5e-2, True),     # 50x the start and above the floor
+])
+def test_a_training_inference_kl_blow_up_counts_as_a_collapse(tmp_path, late_kl, collapsed):
+    spec = RunSpec(Config("minirl_no_is", 1, "none"), 1)
+    write_run(tmp_path / "r", [0.6] * 8, {0: 0.8, 8: 0.8})
+    path = tmp_path / "r" / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for row in rows:
+        if row["step"] >= 7:
+            row["mismatch/kl"] = late_kl
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s = RunSummary.from_rows(spec, load_metrics(path))
+    assert s.collapsed is collapsed
+    assert s.collapse_reason == ("kl" if collapsed else "")
+
+
 def test_seeds_are_averaged_per_configuration_and_written(tmp_path):
     runs = []
     for seed, acc in ((1, 0.6), (2, 0.8)):
