@@ -62,16 +62,25 @@ def test_killed_server_restarted_mid_batch_loses_and_duplicates_nothing(servers,
     client.update_weights_from_disk(str(checkpoints.other_weights), "v1")
     try:
         expected = client.generate_batch(batch(), "kill")  # the same batch, undisturbed
-        samples, done_at_kill = run_and_interrupt(client, "kill", 4, lambda: servers.restart(0))
-        assert done_at_kill < len(expected), "the kill landed after the batch"
-        assert [s.request_id for s in samples] == [s.request_id for s in expected]
-        assert len({s.request_id for s in samples}) == len(samples) == 24
-        # Retried requests keep their seeds, and the restarted server got the same weights.
-        for got, want in zip(samples, expected, strict=True):
-            assert got.weight_version == "v1"
-            assert got.response_ids == want.response_ids
-            assert torch.equal(got.routes, want.routes)
-        assert client.last_batch_stats["retries"] > 0 and not client.servers.down
+        # The kill must land while responses are still owed. Under load the server can
+        # finish the whole batch (one engine batch) before the kill arrives; then nothing
+        # is retried and the attempt proves nothing about failover, so it is made again
+        # (each attempt's results must still be exact).
+        for _ in range(3):
+            samples, done_at_kill = run_and_interrupt(client, "kill", 4,
+                                                      lambda: servers.restart(0))
+            assert done_at_kill < len(expected), "the kill landed after the batch"
+            assert [s.request_id for s in samples] == [s.request_id for s in expected]
+            assert len({s.request_id for s in samples}) == len(samples) == 24
+            # Retried requests keep their seeds, and the restarted server got the same weights.
+            for got, want in zip(samples, expected, strict=True):
+                assert got.weight_version == "v1"
+                assert got.response_ids == want.response_ids
+                assert torch.equal(got.routes, want.routes)
+            assert not client.servers.down
+            if client.last_batch_stats["retries"] > 0:
+                break
+        assert client.last_batch_stats["retries"] > 0, "no attempt's kill landed mid-batch"
     finally:
         client.update_weights_from_disk(str(checkpoints.main), "default")
 
