@@ -71,9 +71,6 @@ class RunConfig:
             check_finite(component)
         for _, component in self.components():
             component.validate(self)
-        if self.stage == "sft" and self.evaluation.eval_samples:
-            raise ConfigError("--eval-samples samples on the rollout servers, which only an "
-                              "RL run (--stage rl) has; the SFT stage evaluates greedily")
 
     def check_initial_weights(self, has_checkpoint: bool) -> None:
         """RL on external servers from random weights would push those weights over the

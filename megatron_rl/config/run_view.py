@@ -13,6 +13,7 @@ from typing import Any, Protocol
 class RunView(Protocol):
     """The run as one component's checks see it (``RunConfig`` satisfies it)."""
 
+    stage: str
     world_size: int
     model: Any
     parallel: Any

@@ -27,9 +27,9 @@ FIDELITY = "replay/fidelity"
 
 COLLAPSE_RATIO = 0.5
 """A run counts as collapsed when its final held-out accuracy (greedy or sampled), or its
-training reward over the last updates, is below this fraction of the best it reached before (the
-cold-start accuracy included) and at least :data:`COLLAPSE_MIN_DROP` below it: a drop
-no seed-to-seed noise of a stable run explains."""
+training reward over the last updates, is below this fraction of the best it reached
+before (the cold-start accuracy included) and at least :data:`COLLAPSE_MIN_DROP` below
+it: a drop no seed-to-seed noise of a stable run explains."""
 COLLAPSE_MIN_DROP = 0.05
 """Smallest absolute drop (accuracy or reward) that can count as a collapse."""
 COLLAPSE_KL_FACTOR = 10.0
@@ -48,7 +48,7 @@ def _fell(last: float, best: float) -> bool:
 def _blew_up(last: float, first: float) -> bool:
     """KL over the last updates against the first (the k1 estimate can dip below 0 while
     the policies agree: that counts as 0; a run with no first-window KL compares with 0)."""
-    baseline = max(first, 0.0) if first == first else 0.0
+    baseline = 0.0 if math.isnan(first) else max(first, 0.0)
     return last > COLLAPSE_KL_FLOOR and last > COLLAPSE_KL_FACTOR * baseline
 
 
@@ -154,7 +154,7 @@ class RunSummary:
             final_sampled_accuracy=sam[-1] if sam else math.nan,
             reward_last=reward_last, reward_best=reward_best,
             entropy_last=_mean(_tail(ent_x, ent, start)),
-            kl=_mean(series(rows, KL, n)[1]),
+            kl=_mean(kl),
             router_agreement=_mean(series(rows, AGREEMENT, n)[1]),
             replay_fidelity=_mean(series(rows, FIDELITY, n)[1]),
             step_s=statistics.median(times) if times else math.nan,
@@ -261,5 +261,6 @@ def _csv_value(value):
     return value if isinstance(value, str) else int(value)
 
 
-__all__ = ["COLLAPSE_KL_FACTOR", "COLLAPSE_KL_FLOOR", "COLLAPSE_MIN_DROP", "COLLAPSE_RATIO", "COLUMNS", "SAMPLED_ACCURACY", "ConfigSummary", "RunSummary", "load_metrics",
+__all__ = ["COLLAPSE_KL_FACTOR", "COLLAPSE_KL_FLOOR", "COLLAPSE_MIN_DROP", "COLLAPSE_RATIO",
+           "COLUMNS", "SAMPLED_ACCURACY", "ConfigSummary", "RunSummary", "load_metrics",
            "markdown_table", "series", "summarize", "write_csv", "write_runs_csv"]

@@ -159,3 +159,6 @@ class EvalConfig:
             )
         if self.eval_samples < 0:
             raise ConfigError(f"--eval-samples must be >= 0, got {self.eval_samples}")
+        if run.stage == "sft" and self.eval_samples:
+            raise ConfigError("--eval-samples samples on the rollout servers, which only an "
+                              "RL run (--stage rl) has; the SFT stage evaluates greedily")

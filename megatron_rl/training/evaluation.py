@@ -12,6 +12,7 @@ from megatron_rl.rewards.scoring import score_samples
 from megatron_rl.rollout.types import RolloutRequest, RolloutSample
 from megatron_rl.training.engine import MegatronEngine
 from megatron_rl.training.generate import greedy_generate
+from megatron_rl.training.rl_data import build_requests
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +54,6 @@ def evaluate(engine: MegatronEngine, task: Task, tokenizer, run) -> dict[str, fl
             "eval/response_length_mean": sum(len(o) for o in outputs) / len(outputs)}
 
 
-
-
 def sampled_evaluate(generate: Callable[[list[RolloutRequest]], list[RolloutSample]],
                      task: Task, tokenizer, encode: Callable[[str], list[int]],
                      samples: int) -> dict[str, float]:
@@ -66,9 +65,7 @@ def sampled_evaluate(generate: Callable[[list[RolloutRequest]], list[RolloutSamp
     items = dict(enumerate(task.eval_items()))
     if not items or samples < 1:
         return {}
-    requests = [RolloutRequest(prompt_index=i, sample_index=j, prompt_ids=ids)
-                for i, item in items.items() for ids in [encode(item.prompt)]
-                for j in range(samples)]
+    requests = build_requests(items, encode, samples)
     results = generate(requests)
     if len(results) != len(requests):
         raise RuntimeError(f"sampled evaluation: {len(results)} responses for "
