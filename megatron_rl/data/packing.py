@@ -3,9 +3,20 @@
 A sample is ``x = prompt + response``; the model is fed ``x[:-1]`` and scored on
 ``x[1:]`` (see docs/ARCHITECTURE.md). Rows are either one sample each, right-padded, or
 several samples packed end to end (``pack=True``) with a block-diagonal causal mask and
-positions restarting at every sample, so a token never attends across samples. Either
-way a real token sees exactly what it would see alone: losses do not depend on padding
-or packing.
+positions restarting at every sample, so a token never attends across samples.
+
+With ``share_prompts``, consecutive samples of a row with the same prompt (the G
+responses of a group) are laid out as a tree: the prompt's inputs but its last token
+once, then one block per sample -- the prompt's last token and the sample's response
+inputs, at the positions they have in the sample -- each block attending to the shared
+prefix and causally to itself only. The prompt's last input stays in every block because
+its logits predict the sample's first response token (a different label per sample).
+A group of G responses of R tokens after a P-token prompt then costs P - 1 + G * R
+positions instead of G * (P + R - 1).
+
+Either way a real token sees exactly what it would see alone (the same keys, values and
+positions): losses do not depend on padding, packing or prompt sharing (up to the
+rounding of sums taken in another order).
 """
 
 from __future__ import annotations
@@ -87,33 +98,100 @@ class MicroBatch:
     global_num_samples: int = 0
     global_num_tokens: int = 0
     extras: dict = field(default_factory=dict)
+    copies: torch.Tensor | None = None
+    """Prompt sharing only: ``[B, S]`` int64, how many samples each token stands for (the
+    samples sharing a prefix, 1 on a sample's own tokens, 0 on padding), so per-token
+    statistics over inputs (router agreement) count a shared token once per sample, as
+    separate rows would. None: 1 on every real token."""
+    input_index: list[torch.Tensor] | None = None
+    """Prompt sharing only: per local sample, the flat (row * S + column) positions of
+    its inputs in order, shared prefix included (``sample_ids`` names one owner per
+    token, the first sample of the group on a shared prefix). None: every sample's
+    inputs are the tokens whose ``sample_ids`` name it."""
 
     @property
     def num_samples(self) -> int:
         return len(self.sample_index)
+
+    def sample_inputs(self, values: torch.Tensor, local: int) -> torch.Tensor:
+        """``values`` (``[B, S, ...]``, one entry per input token) at local sample
+        ``local``'s inputs, in token order (e.g. the routes a pass recorded for it)."""
+        if self.input_index is None:
+            return values[self.sample_ids == local]
+        return values.flatten(0, 1)[self.input_index[local].to(values.device)]
 
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.tokens.shape)  # type: ignore[return-value]
 
 
-def _rows(samples: list[Sample], pack: bool, seq_length: int) -> list[list[Sample]]:
-    if not pack:
+def shares_prompt(a: Sample, b: Sample) -> bool:
+    """Whether ``b`` can share ``a``'s prompt prefix: the same prompt tokens and, where
+    routes travel with the samples, the same routes on the shared inputs (a shared token
+    is computed, so routed, once)."""
+    n = a.prompt_len
+    if n < 2 or b.prompt_len != n or a.tokens[:n] != b.tokens[:n]:
+        return False
+    if a.routes is None and b.routes is None:
+        return True
+    if a.routes is None or b.routes is None:
+        return False
+    return torch.equal(a.routes[: n - 1], b.routes[: n - 1])
+
+
+def _units(samples: list[Sample], share: bool) -> list[list[Sample]]:
+    """Runs of consecutive samples that share their prompt (singletons without sharing)."""
+    units: list[list[Sample]] = []
+    for sample in samples:
+        if share and units and shares_prompt(units[-1][0], sample):
+            units[-1].append(sample)
+        else:
+            units.append([sample])
+    return units
+
+
+def _prefix_len(unit: list[Sample]) -> int:
+    """Inputs laid out once for the unit: the prompt's but its last, when shared."""
+    return unit[0].prompt_len - 1 if len(unit) > 1 else 0
+
+
+def row_length(row: list[Sample], share: bool = False) -> int:
+    """Positions ``row`` takes: the sum of its samples' inputs, less the prefixes that
+    prompt sharing lays out once."""
+    return sum(sum(s.num_inputs for s in unit) - (len(unit) - 1) * _prefix_len(unit)
+               for unit in _units(row, share))
+
+
+def _check_fits(sample: Sample, seq_length: int) -> None:
+    if sample.num_inputs > seq_length:
+        raise ValueError(
+            f"sample {sample.index} has {sample.num_inputs} input tokens, more than "
+            f"--seq-length {seq_length}"
+        )
+
+
+def _rows(samples: list[Sample], pack: bool, seq_length: int | None,
+          share: bool = False) -> list[list[Sample]]:
+    """Samples -> rows. Without packing a row holds one sample, or with ``share`` one
+    run of samples sharing a prompt (cut where the row would exceed ``seq_length``);
+    packing fills rows of ``seq_length`` positions end to end."""
+    if not pack and not share:
         return [[s] for s in samples]
     rows: list[list[Sample]] = []
     used = 0
     for sample in samples:
-        if sample.num_inputs > seq_length:
-            raise ValueError(
-                f"sample {sample.index} has {sample.num_inputs} input tokens, more than "
-                f"--seq-length {seq_length}"
-            )
-        if rows and used + sample.num_inputs <= seq_length:
-            rows[-1].append(sample)
-            used += sample.num_inputs
-        else:
-            rows.append([sample])
-            used = sample.num_inputs
+        if seq_length is not None:
+            _check_fits(sample, seq_length)
+        shared = share and bool(rows) and shares_prompt(rows[-1][-1], sample)
+        if rows and (pack or shared):
+            # A sample joining its prompt's run adds only what follows the shared prefix.
+            added = sample.num_inputs - (sample.prompt_len - 1 if shared else 0)
+            if seq_length is None or used + added <= seq_length:
+                rows[-1].append(sample)
+                used += added
+                continue
+        rows.append([sample])
+        used = sample.num_inputs
     return rows
 
 
@@ -125,14 +203,18 @@ def make_microbatch(
     pad_id: int = 0,
     route_shape: tuple[int, int, int] | None = None,
     key: int = 0,
+    share_prompts: bool = False,
 ) -> MicroBatch:
     """Lay ``rows`` (each a list of samples placed end to end) out as one micro-batch of
-    ``num_rows`` rows of length ``pad_to``; missing rows are all padding.
+    ``num_rows`` rows of length ``pad_to``; missing rows are all padding. With
+    ``share_prompts``, consecutive samples of a row that share their prompt are laid out
+    as a tree (see the module's docstring).
 
     ``route_shape`` = (moe_layers, topk, num_experts) when routes are replayed; samples
     then must carry routes."""
-    pack = any(len(row) > 1 for row in rows)
     B, S = num_rows or len(rows), pad_to
+    if len(rows) > B:
+        raise ValueError(f"{len(rows)} rows do not fit a micro-batch of {B} rows")
     tokens = torch.full((B, S), pad_id, dtype=torch.long)
     labels = torch.full((B, S), pad_id, dtype=torch.long)
     positions = torch.zeros((B, S), dtype=torch.long)
@@ -147,55 +229,88 @@ def make_microbatch(
     if route_shape is not None:
         layers, topk, experts = route_shape
         routes = padding_routes(B * S, layers, topk, experts).view(B, S, layers, topk).clone()
-    segments = torch.zeros((B, S), dtype=torch.long)  # 0 = padding, k+1 = k-th sample of row
+    segments = torch.zeros((B, S), dtype=torch.long)  # 0 = padding, k+1 = k-th unit of row
+    blocks = torch.zeros((B, S), dtype=torch.long)  # 0 = shared prefix, k+1 = k-th sample
+    copies = torch.zeros((B, S), dtype=torch.long)
     order: list[int] = []
     lengths: list[int] = []
+    input_index: list[torch.Tensor] = []
+    shared_any = False
+    pack = False
     for r, row in enumerate(rows):
         offset = 0
-        for k, sample in enumerate(row):
-            n = sample.num_inputs
-            if offset + n > S:
-                raise ValueError(
-                    f"sample {sample.index} needs {n} input tokens; row {r} has {S - offset} left"
-                )
-            local = len(order)
-            order.append(sample.index)
-            lengths.append(sample.trained_len)
-            ids = torch.as_tensor(sample.tokens, dtype=torch.long)
-            span = slice(offset, offset + n)
-            tokens[r, span] = ids[:-1]
-            labels[r, span] = ids[1:]
-            positions[r, span] = torch.arange(n)
-            segments[r, span] = k + 1
-            resp = slice(offset + sample.prompt_len - 1, offset + n)
-            if sample.loss_mask is None:
-                loss_mask[r, resp] = True
-            else:
-                if sample.loss_mask.shape != (sample.response_len,):
-                    raise ValueError(f"sample {sample.index}: loss_mask has shape "
-                                     f"{tuple(sample.loss_mask.shape)}, want "
-                                     f"[{sample.response_len}] (one per response token)")
-                loss_mask[r, resp] = sample.loss_mask.bool()
-            sample_ids[r, span] = local
-            advantages[r, resp] = float(sample.advantage)
-            if sample.old_logprobs is not None:
-                old_lp[r, resp] = sample.old_logprobs.float()
-            if sample.rollout_logprobs is not None:
-                roll_lp[r, resp] = sample.rollout_logprobs.float()
-            if ref_lp is not None:
-                if sample.ref_logprobs is None:
-                    raise ValueError(f"sample {sample.index} has no reference log-probs, "
-                                     "while others of its micro-batch have")
-                ref_lp[r, resp] = sample.ref_logprobs.float()
-            if routes is not None:
-                if sample.routes is None:
-                    raise ValueError(f"sample {sample.index} has no routes to replay")
-                routes[r, span] = sample.routes.to(routes.dtype)
-            offset += n
+        units = _units(row, share_prompts)
+        pack = pack or len(units) > 1
+        for u, unit in enumerate(units):
+            prefix = _prefix_len(unit)
+            shared_any = shared_any or prefix > 0
+            first = unit[0]
+            need = sum(s.num_inputs for s in unit) - (len(unit) - 1) * prefix
+            if offset + need > S:
+                raise ValueError(f"sample {first.index} needs {need} input tokens; row {r} "
+                                 f"has {S - offset} left")
+            head = slice(offset, offset + prefix)
+            if prefix:
+                ids = torch.as_tensor(first.tokens, dtype=torch.long)
+                tokens[r, head] = ids[:prefix]
+                labels[r, head] = ids[1 : prefix + 1]
+                positions[r, head] = torch.arange(prefix)
+                segments[r, head] = u + 1
+                sample_ids[r, head] = len(order)
+                copies[r, head] = len(unit)
+                if routes is not None:
+                    if first.routes is None:
+                        raise ValueError(f"sample {first.index} has no routes to replay")
+                    routes[r, head] = first.routes[:prefix].to(routes.dtype)
+            offset += prefix
+            for k, sample in enumerate(unit):
+                local = len(order)
+                order.append(sample.index)
+                lengths.append(sample.trained_len)
+                n = sample.num_inputs
+                ids = torch.as_tensor(sample.tokens, dtype=torch.long)
+                span = slice(offset, offset + n - prefix)
+                tokens[r, span] = ids[prefix:-1]
+                labels[r, span] = ids[prefix + 1 :]
+                positions[r, span] = torch.arange(prefix, n)
+                segments[r, span] = u + 1
+                blocks[r, span] = k + 1
+                copies[r, span] = 1
+                input_index.append(torch.cat([
+                    torch.arange(head.start, head.stop), torch.arange(span.start, span.stop),
+                ]) + r * S)
+                resp = slice(offset + sample.prompt_len - 1 - prefix, offset + n - prefix)
+                if sample.loss_mask is None:
+                    loss_mask[r, resp] = True
+                else:
+                    if sample.loss_mask.shape != (sample.response_len,):
+                        raise ValueError(f"sample {sample.index}: loss_mask has shape "
+                                         f"{tuple(sample.loss_mask.shape)}, want "
+                                         f"[{sample.response_len}] (one per response token)")
+                    loss_mask[r, resp] = sample.loss_mask.bool()
+                sample_ids[r, span] = local
+                advantages[r, resp] = float(sample.advantage)
+                if sample.old_logprobs is not None:
+                    old_lp[r, resp] = sample.old_logprobs.float()
+                if sample.rollout_logprobs is not None:
+                    roll_lp[r, resp] = sample.rollout_logprobs.float()
+                if ref_lp is not None:
+                    if sample.ref_logprobs is None:
+                        raise ValueError(f"sample {sample.index} has no reference log-probs, "
+                                         "while others of its micro-batch have")
+                    ref_lp[r, resp] = sample.ref_logprobs.float()
+                if routes is not None:
+                    if sample.routes is None:
+                        raise ValueError(f"sample {sample.index} has no routes to replay")
+                    routes[r, span] = sample.routes[prefix:].to(routes.dtype)
+                offset += n - prefix
     causal = torch.ones((S, S), dtype=torch.bool).tril()
-    if pack:
+    if pack or shared_any:
         same = segments[:, :, None] == segments[:, None, :]
         allowed = same & causal[None] & (segments[:, :, None] > 0)
+        if shared_any:
+            # A block sees the shared prefix and itself, never another sample's block.
+            allowed &= (blocks[:, None, :] == 0) | (blocks[:, :, None] == blocks[:, None, :])
         # Padding positions attend to themselves only, so their softmax stays finite.
         allowed |= torch.eye(S, dtype=torch.bool)[None]
         mask = ~allowed[:, None]
@@ -216,6 +331,8 @@ def make_microbatch(
         routes=routes,
         key=key,
         ref_logprobs=ref_lp,
+        copies=copies if shared_any else None,
+        input_index=input_index if shared_any else None,
     )
 
 
@@ -231,11 +348,16 @@ def split_microbatches(
     key_offset: int = 0,
     length_of: list[Sample] | None = None,
     min_length: int = 0,
+    share_prompts: bool = False,
+    min_rows: int = 0,
 ) -> tuple[list[MicroBatch], int]:
-    """Cut ``samples`` into micro-batches of ``micro_batch_size`` rows, all of one shape
-    (pipeline schedules exchange one tensor shape per step). Without packing a row holds one
-    sample; with packing, samples are placed end to end in rows of ``max_length`` tokens.
-    Returns the micro-batches and the row length.
+    """Cut ``samples`` into micro-batches, all of one shape (pipeline schedules exchange
+    one tensor shape per step). Without packing a row holds one sample and a micro-batch
+    ``micro_batch_size`` rows; with packing, samples are placed end to end in rows of
+    ``max_length`` tokens, ``micro_batch_size`` rows a micro-batch. With
+    ``share_prompts`` (no packing) a micro-batch holds ``micro_batch_size`` samples, one
+    row per run of them sharing a prompt, as many rows as the fullest micro-batch needs
+    (at least ``min_rows``). Returns the micro-batches and the row length.
 
     ``length_of`` (default ``samples``) are the samples whose longest input sets the row
     length: pass the whole data-parallel batch so that every rank pads to the same length
@@ -249,20 +371,48 @@ def split_microbatches(
         if max_length is None:
             raise ValueError("packing needs max_length (--seq-length)")
         pad_to = max_length
+        rows = _rows(samples, True, pad_to, share_prompts)
+        groups = [rows[i : i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
+        num_rows = micro_batch_size
+    elif share_prompts:
+        groups = _shared_rows(samples, micro_batch_size, max_length)
+        widest = max(row_length(row, True) for rows in groups for row in rows)
+        pad_to = -(-max(widest, min_length) // pad_multiple) * pad_multiple
+        if max_length is not None:
+            pad_to = min(pad_to, max_length)
+        num_rows = max(min_rows, *(len(rows) for rows in groups))
     else:
         pad_to = -(-longest // pad_multiple) * pad_multiple
         if max_length is not None:
             pad_to = min(pad_to, max_length)
-    rows = _rows(samples, pack, pad_to)
-    batches = []
-    for i in range(0, len(rows), micro_batch_size):
-        batches.append(
-            make_microbatch(
-                rows[i : i + micro_batch_size], pad_to=pad_to, num_rows=micro_batch_size,
-                pad_id=pad_id, route_shape=route_shape, key=key_offset + len(batches),
-            )
-        )
+        rows = _rows(samples, False, pad_to)
+        groups = [rows[i : i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
+        num_rows = micro_batch_size
+    batches = [
+        make_microbatch(rows, pad_to=pad_to, num_rows=num_rows, pad_id=pad_id,
+                        route_shape=route_shape, key=key_offset + k, share_prompts=share_prompts)
+        for k, rows in enumerate(groups)
+    ]
     return batches, pad_to
+
+
+def plan_rows(samples: list[Sample], micro_batch_size: int, *,
+              max_length: int | None) -> tuple[int, int]:
+    """(widest row, most rows of a micro-batch) of :func:`split_microbatches`' layout with
+    ``share_prompts`` and no packing: what ranks agree on before laying out their samples
+    (every rank's micro-batches must have one shape)."""
+    if not samples:
+        return 0, 0
+    groups = _shared_rows(samples, micro_batch_size, max_length)
+    widest = max(row_length(row, True) for rows in groups for row in rows)
+    return widest, max(len(rows) for rows in groups)
+
+
+def _shared_rows(samples: list[Sample], micro_batch_size: int,
+                 max_length: int | None) -> list[list[list[Sample]]]:
+    """Per micro-batch of ``micro_batch_size`` samples, its rows with prompts shared."""
+    return [_rows(samples[i : i + micro_batch_size], False, max_length, True)
+            for i in range(0, len(samples), micro_batch_size)]
 
 
 def set_global_counts(batches: list[MicroBatch], num_samples: int, num_tokens: int) -> None:

@@ -39,7 +39,9 @@ from megatron.core.transformer.transformer_layer import (
 
 from megatron_rl.distributed import ParallelConfig
 from megatron_rl.model.config import ModelConfig
+from megatron_rl.model.grouped_experts import GroupedExpertsSpecProvider, supports_grouped_experts
 from megatron_rl.model.norm import RMSNorm
+from megatron_rl.model.rope_positions import use_position_ids
 from megatron_rl.replay.binding import forget_global_instances
 from megatron_rl.replay.config import check_model_supports_replay
 
@@ -135,8 +137,11 @@ def transformer_config(
     )
 
 
-def _local_layer_spec(num_experts: int | None) -> ModuleSpec:
-    """megatron-core's local modules with a sequence-parallel-capable RMSNorm."""
+def _local_layer_spec(num_experts: int | None, grouped_experts: bool = False) -> ModuleSpec:
+    """megatron-core's local modules with a sequence-parallel-capable RMSNorm, and the
+    routed experts as :class:`~megatron_rl.model.grouped_experts.GroupedExperts` where
+    ``grouped_experts`` (same parameters as SequentialMLP's)."""
+    backend = GroupedExpertsSpecProvider() if grouped_experts else LocalSpecProvider()
     keys_map = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_"}
     if num_experts is None:
         # Same checkpoint keys as Transformer Engine's fused norm+linear modules, so a
@@ -159,9 +164,7 @@ def _local_layer_spec(num_experts: int | None) -> ModuleSpec:
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=RMSNorm,
-            mlp=get_mlp_module_spec_for_backend(
-                backend=LocalSpecProvider(), num_experts=num_experts
-            ),
+            mlp=get_mlp_module_spec_for_backend(backend=backend, num_experts=num_experts),
             mlp_bda=get_bias_dropout_add,
             sharded_state_dict_keys_map=keys_map,
         ),
@@ -174,7 +177,7 @@ def layer_spec(config: TransformerConfig, use_te: bool, vp_stage: int | None = N
         return get_gpt_decoder_block_spec(
             config, use_transformer_engine=True, normalization="RMSNorm", vp_stage=vp_stage
         )
-    moe = _local_layer_spec(config.num_moe_experts)
+    moe = _local_layer_spec(config.num_moe_experts, supports_grouped_experts(config))
     dense = _local_layer_spec(None)
     specs = [moe if is_moe else dense for is_moe in config.moe_layer_freq]
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
@@ -215,6 +218,10 @@ def build_model(
             rotary_base=int(model.rotary_base),
             vp_stage=stage,
         )
+        if not use_te:
+            # Local attention takes any mask, so prompts may be shared (data.packing);
+            # their responses need rotary positions of their own.
+            use_position_ids(chunk)
         if bf16:
             chunk = chunk.to(torch.bfloat16)
         chunks.append(chunk)

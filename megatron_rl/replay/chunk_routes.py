@@ -36,9 +36,11 @@ class ChunkRoutes:
     index_of: dict[int, int]
     """MoE-layer position -> index along ``rows``' layer axis."""
     mask: torch.Tensor | None
-    """``[S_local * B]`` True on real tokens, in router order (statistics skip padding)."""
+    """``[S_local * B]`` weight of each token in the statistics, in router order: True on
+    real tokens (bool), or with prompt sharing the samples a token stands for
+    (``MicroBatch.copies``); padding counts 0."""
     tokens: torch.Tensor | None
-    """Number of real tokens (a device scalar, the denominator of the statistics)."""
+    """Sum of ``mask`` (a device scalar, the denominator of the statistics)."""
     measuring: bool = True
     """False in a forward recomputed during backward: that one was counted already."""
     records: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -139,7 +141,9 @@ def prepare(
         layer_names=[moe_layer_names(layout.all_moe_layers)[p] for p in chunk_positions],
         where=where,
     )
-    mask = router_order(sample_ids >= 0)
+    weights = sample_ids >= 0 if batch.copies is None else \
+        batch.copies[:, start:stop].to(device, non_blocking=True)
+    mask = router_order(weights)
     return ChunkRoutes(
         batch.key, mode, B, stop - start, router_order(local),
         {p: i for i, p in enumerate(chunk_positions)}, mask, mask.sum(),

@@ -12,7 +12,8 @@
   (the router's returned routing map) are exactly the replay target. Anything below 1
   means some path ignored the replay.
 
-Only real tokens count (padding excluded). Counts stay on the device until read, so
+Only real tokens count (padding excluded); a prompt prefix shared by G samples
+(``MicroBatch.copies``) counts G times, as it would in G separate rows. Counts stay on the device until read, so
 measuring costs no synchronisation per layer; :meth:`RouterMetrics.take` returns
 ``Stat`` sums/counts that reduce exactly over micro-batches and ranks.
 """
@@ -62,8 +63,9 @@ class RouterMetrics:
 
     def add(self, name: str, layer: int, hits: torch.Tensor, mask: torch.Tensor,
             tokens: torch.Tensor) -> None:
-        """``hits`` ``[T]`` bool per token; ``mask`` True on the ``tokens`` real ones."""
-        self._counts.setdefault((name, layer), []).append(((hits & mask).sum(), tokens))
+        """``hits`` ``[T]`` bool per token; ``mask`` each token's weight (bool: True on
+        the real ones; int: the samples a shared token stands for), ``tokens`` its sum."""
+        self._counts.setdefault((name, layer), []).append(((hits * mask).sum(), tokens))
 
     def take(self) -> dict[str, Stat]:
         """Statistics since the last call (totals and per layer); resets the counters."""

@@ -23,6 +23,7 @@ from megatron.core import parallel_state as ps
 from megatron_rl.cpu_adaptation import device_mode_suspended
 from megatron_rl.data.packing import MicroBatch
 from megatron_rl.metrics.stats import Stat
+from megatron_rl.model.rope_positions import rotary_positions
 from megatron_rl.parallel_layout import cp_positions, split_for_cp
 
 LossFn = Callable[[MicroBatch, torch.Tensor], tuple[torch.Tensor, dict[str, Any]]]
@@ -66,6 +67,9 @@ def context_parallel_share(batch: MicroBatch) -> MicroBatch:
     cp = ps.get_context_parallel_world_size()
     if cp == 1:
         return batch
+    if batch.input_index is not None:
+        raise ValueError(f"micro-batch {batch.key}: prompt sharing lays samples out as "
+                         "trees, which context parallelism cannot split (--no-rl-share-prompts)")
     rank = ps.get_context_parallel_rank()
     cut = {name: split_for_cp(getattr(batch, name), 1, cp, rank)
            for name in ("tokens", "position_ids", "labels", "loss_mask", "sample_ids",
@@ -111,7 +115,10 @@ def make_forward_step(loss_fn: LossFn, replay: ReplayHook | None = None):
     def forward_step(data_iterator: Iterator[MicroBatch], model: torch.nn.Module):
         batch = context_parallel_share(next(data_iterator))
         context = replay.microbatch(batch, model) if replay is not None else contextlib.nullcontext()
-        with device_mode_suspended(), context:
+        # Shared prompts put a response's tokens after other responses' in the row: they
+        # rotate by their positions in the sample (model.rope_positions).
+        positions = batch.position_ids if batch.input_index is not None else None
+        with device_mode_suspended(), context, rotary_positions(positions):
             output = model(batch.tokens, batch.position_ids, batch.attention_mask)
         if replay is not None:
             output = replay.mark_output(output, batch)

@@ -24,6 +24,16 @@ class RLConfig:
     off-policiness. None: one update per rollout batch (on-policy)."""
     sequence_packing: bool = False
     """Pack several responses into each row of --seq-length tokens."""
+    share_prompts: bool | None = None
+    """Lay the G responses of a prompt out in the trainer's passes as a tree over one copy
+    of the prompt (megatron_rl.data.packing): each response attends to the shared prefix
+    and causally to itself, at its own positions, so its log-probs and gradients are
+    those of a row of its own (up to the rounding of sums taken in another order), at
+    P - 1 + G x R positions instead of G x (P + R - 1). A micro-batch then holds
+    --micro-batch-size responses in one row per prompt (cut at --seq-length). Needs an
+    attention that takes an explicit mask -- megatron-core's local layer spec, which the
+    model uses without Transformer Engine (the CPU path) -- and neither context
+    parallelism nor --rl-sequence-packing. Default: on where it applies."""
     router_agreement: bool = True
     """Ask the rollout servers for routed experts even without r3, to measure how often
     the trainer's own top-k agrees with the inference engine's."""
@@ -83,6 +93,24 @@ class RLConfig:
             return self.weight_sync
         return "disk" if run.rollout.embedded else "distributed"
 
+    def prompt_sharing(self, run: RunView, transformer_engine: bool) -> bool:
+        """Whether the passes share prompts (--rl-share-prompts, or where it applies)."""
+        blocker = ("Transformer Engine's attention takes no tree mask" if transformer_engine
+                   else self._sharing_blocker(run))
+        if blocker is None:
+            return self.share_prompts is not False
+        if self.share_prompts:
+            raise ConfigError(f"--rl-share-prompts: {blocker}")
+        return False
+
+    def _sharing_blocker(self, run: RunView) -> str | None:
+        if self.sequence_packing:
+            return "not with --rl-sequence-packing"
+        if run.parallel.context_parallel_size > 1:
+            return (f"--context-parallel-size {run.parallel.context_parallel_size} cannot "
+                    "split a tree of responses")
+        return None
+
     def num_updates(self, global_batch_size: int) -> int:
         mini = self.mini_batch_size or global_batch_size
         return global_batch_size // mini
@@ -105,6 +133,8 @@ class RLConfig:
             raise ConfigError(
                 f"--global-batch-size {gbs} is not divisible by --rl-mini-batch-size {mini}"
             )
+        if self.share_prompts and (blocker := self._sharing_blocker(run)):
+            raise ConfigError(f"--rl-share-prompts: {blocker}")
         dp = run.parallel.data_parallel_size(world_size)
         prompts = gbs // g
         if prompts % dp:

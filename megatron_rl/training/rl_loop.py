@@ -23,6 +23,7 @@ from megatron_rl.loss import ObjectiveConfig, derived_metrics
 from megatron_rl.metrics.progress import RLProgress
 from megatron_rl.metrics.stats import Stat, all_reduce_stats, merge_stats, results
 from megatron_rl.metrics.writer import MetricsWriter
+from megatron_rl.model.provider import transformer_engine_available
 from megatron_rl.model.tokenizer import PromptEncoder, load_tokenizer
 from megatron_rl.rewards import GroupScorer, RemoteRewards, reward_stats
 from megatron_rl.rewards.remote import resolve_api_key
@@ -137,10 +138,15 @@ class RLLoop:
             micro_batch_size=run.training.micro_batch_size,
             seq_length=run.model.seq_length,
             pack=self.rl.sequence_packing,
+            share_prompts=self.rl.prompt_sharing(run, transformer_engine_available()),
             pad_id=self.tokenizer.pad_token_id or 0,
             route_shape=(len(self.replay.stage_moe_positions()), run.model.moe_router_topk,
                          run.model.num_experts),
         )
+        if is_rank0():
+            logger.info("trainer passes: %s", "one row per prompt, its responses sharing it "
+                        "(--rl-share-prompts)" if self.layout.share_prompts
+                        else "one row per response")
         self.want_routes = self.replay_mode == "r3" or self.rl.router_agreement
         task = run.task
         self.remote_rewards = RemoteRewards(

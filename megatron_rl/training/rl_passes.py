@@ -20,7 +20,13 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from megatron_rl.data.packing import MicroBatch, Sample, set_global_counts, split_microbatches
+from megatron_rl.data.packing import (
+    MicroBatch,
+    Sample,
+    plan_rows,
+    set_global_counts,
+    split_microbatches,
+)
 from megatron_rl.loss import ObjectiveConfig
 from megatron_rl.metrics.stats import Stat, merge_stats
 from megatron_rl.replay.metrics import AGREEMENT, FIDELITY, as_target_agreement
@@ -39,6 +45,9 @@ class BatchLayout:
     pad_id: int
     route_shape: tuple[int, int, int] | None
     """(stage MoE layers, top-k, experts) when routes travel with the micro-batches."""
+    share_prompts: bool = False
+    """Lay the responses of one prompt out as a tree over one copy of the prompt
+    (data.packing); a micro-batch then holds micro_batch_size samples."""
 
 
 def _agreed(value: int, op=dist.ReduceOp.MAX) -> int:
@@ -48,23 +57,34 @@ def _agreed(value: int, op=dist.ReduceOp.MAX) -> int:
     return int(t.item())
 
 
-def make_batches(samples: list[Sample], layout: BatchLayout, *, with_routes: bool) -> tuple[list[MicroBatch], int]:
-    """Micro-batches of ``samples``; every rank gets the same row length and the same
-    number of micro-batches (expert-parallel dispatch and pipeline exchanges are
-    collective per micro-batch), padding with empty micro-batches where needed."""
-    longest = _agreed(max((s.num_inputs for s in samples), default=1))
+def make_batches(samples: list[Sample], layout: BatchLayout, *,
+                 with_routes: bool) -> tuple[list[MicroBatch], int, int]:
+    """Micro-batches of ``samples`` and their (row length, rows); every rank gets the same
+    shape and the same number of micro-batches (expert-parallel dispatch and pipeline
+    exchanges are collective per micro-batch), padding with empty micro-batches where
+    needed."""
+    share = layout.share_prompts and not layout.pack
+    if share:
+        widest, most_rows = plan_rows(samples, layout.micro_batch_size,
+                                      max_length=layout.seq_length)
+        longest, min_rows = _agreed(max(widest, 1)), _agreed(max(most_rows, 1))
+    else:
+        longest, min_rows = _agreed(max((s.num_inputs for s in samples), default=1)), 0
     route_shape = layout.route_shape if with_routes else None
     batches, length = split_microbatches(
         samples, layout.micro_batch_size, pad_multiple=_pad_multiple(),
         max_length=layout.seq_length,
         pack=layout.pack, pad_id=layout.pad_id, route_shape=route_shape, min_length=longest,
+        share_prompts=share, min_rows=min_rows,
     ) if samples else ([], layout.seq_length)
     # Same inputs on every rank give the same length; ranks without samples adopt it.
     length = _agreed(length)
+    rows = _agreed(batches[0].tokens.shape[0] if batches else max(min_rows, 1)) \
+        if share else layout.micro_batch_size
     count = _agreed(len(batches))
     while len(batches) < count:
-        batches.append(_empty_batch(layout, length, route_shape, key=len(batches)))
-    return batches, length
+        batches.append(_empty_batch(layout, length, rows, route_shape, key=len(batches)))
+    return batches, length, rows
 
 
 def _pad_multiple() -> int:
@@ -74,10 +94,10 @@ def _pad_multiple() -> int:
     return math.lcm(8, tp, 2 * cp)
 
 
-def _empty_batch(layout: BatchLayout, length: int, route_shape, key: int) -> MicroBatch:
+def _empty_batch(layout: BatchLayout, length: int, rows: int, route_shape, key: int) -> MicroBatch:
     from megatron_rl.data.packing import make_microbatch
 
-    return make_microbatch([], pad_to=length, num_rows=layout.micro_batch_size,
+    return make_microbatch([], pad_to=length, num_rows=rows,
                            pad_id=layout.pad_id, route_shape=route_shape, key=key)
 
 
@@ -152,17 +172,17 @@ def _score(engine, samples, layout, *, into, entropy_stat, replay, replay_mode,
         return {}
     for i, sample in enumerate(samples):
         sample.index = i  # positions in this pass (a caller may pass a tail of the batch)
-    batches, length = make_batches(samples, layout, with_routes=carry_routes)
+    batches, length, rows = make_batches(samples, layout, with_routes=carry_routes)
     forward_step = make_forward_step(old_logprob_pass(temperature, entropy_stat), replay)
     context = replay.pass_mode(replay_mode) if replay is not None else _null()
     with context:
         outputs = engine.forward_only(forward_step, batches, seq_length=length,
-                                      micro_batch_size=layout.micro_batch_size)
+                                      micro_batch_size=rows)
         if record_routes and replay is not None:
             for batch in batches:
                 recorded = cp_unsplit(replay.take_recorded(batch.key), batch.tokens.shape[1])
                 for local, index in enumerate(batch.sample_index):
-                    samples[index].routes = recorded[batch.sample_ids == local].contiguous()
+                    samples[index].routes = batch.sample_inputs(recorded, local).contiguous()
     for out in outputs:
         for index, logprobs in out["logprobs"].items():
             mask = samples[index].loss_mask
@@ -210,15 +230,19 @@ def policy_updates(
         mode = first_as_old_mode if as_old else replay_mode
         num_samples = _agreed(len(mini), dist.ReduceOp.SUM) // _dp_replicas()
         num_tokens = _agreed(sum(s.trained_len for s in mini), dist.ReduceOp.SUM) // _dp_replicas()
-        batches, length = make_batches(mini, layout, with_routes=mode in ("replay", "observe"))
+        batches, length, rows = make_batches(mini, layout,
+                                             with_routes=mode in ("replay", "observe"))
         set_global_counts(batches, num_samples, num_tokens)
         forward_step = make_forward_step(policy_loss(objective, temperature, as_old), replay)
         context = replay.pass_mode(mode) if replay is not None else _null()
         with context:
             result = engine.train_step(forward_step, batches, seq_length=length,
-                                       micro_batch_size=layout.micro_batch_size,
+                                       micro_batch_size=rows,
                                        loss_of=lambda out: out["loss"])
         stats = merge_stats([o["stats"] for o in result.outputs])
+        # What the update computed: rows x row length of its micro-batches, padding and
+        # shared prompts (once) included.
+        stats["train/positions"] = Stat(float(len(batches) * rows * length), 1.0, "sum")
         if replay is not None:
             measured = replay.stats()
             if as_old:

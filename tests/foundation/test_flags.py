@@ -285,3 +285,24 @@ def test_logged_config_never_carries_an_api_key():
     flat = _flat_config(run)
     assert "s3cret" not in repr(flat)
     assert flat["rollout.api_key"] == "<redacted>" and flat["training.seed"] == 1234
+
+
+def test_prompt_sharing_is_on_where_it_applies_and_refused_where_it_cannot_work():
+    rl = ["--stage", "rl", "--global-batch-size", "16", "--rl-group-size", "4"]
+    run = parse_args(MBS + rl, world_size=1)
+    assert run.rl.share_prompts is None
+    assert run.rl.prompt_sharing(run, transformer_engine=False)
+    # Transformer Engine's attention takes no tree mask: off by default, refused if asked.
+    assert not run.rl.prompt_sharing(run, transformer_engine=True)
+    asked = parse_args(MBS + rl + ["--rl-share-prompts"], world_size=1)
+    with pytest.raises(ConfigError, match="--rl-share-prompts: Transformer Engine"):
+        asked.rl.prompt_sharing(asked, transformer_engine=True)
+    off = parse_args(MBS + rl + ["--no-rl-share-prompts"], world_size=1)
+    assert not off.rl.prompt_sharing(off, transformer_engine=False)
+    packed = parse_args(MBS + rl + ["--rl-sequence-packing"], world_size=1)
+    assert not packed.rl.prompt_sharing(packed, transformer_engine=False)
+    with pytest.raises(ConfigError, match="--rl-share-prompts: not with --rl-sequence-packing"):
+        parse_args(MBS + rl + ["--rl-sequence-packing", "--rl-share-prompts"], world_size=1)
+    with pytest.raises(ConfigError, match="--rl-share-prompts: --context-parallel-size 2"):
+        parse_args(MBS + rl + ["--context-parallel-size", "2", "--rl-share-prompts"],
+                   world_size=2)

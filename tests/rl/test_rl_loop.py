@@ -59,3 +59,32 @@ def test_two_rl_steps(replay, mini_batch, coldstart, tmp_path):
     # A complete checkpoint and the exported weights of the last policy exist.
     assert (save / "iter_0000002" / "common_state.pt").is_file()
     assert (save / "weights" / "v2" / "config.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("replay", ["r2", "r3"])
+def test_sharing_prompts_changes_no_result(replay, coldstart, tmp_path):
+    """One RL step with each group's prompt laid out once and with one row per response:
+    the same rollout, the same pi_old, loss, clipping and router statistics (each shared
+    prompt token counted once per response), up to rounding, in one process and in two
+    (EP=2: the ranks agree on the shape of their tree-shaped micro-batches)."""
+    results = {}
+    for share in ("--rl-share-prompts", "--no-rl-share-prompts"):
+        save = tmp_path / share
+        proc = launch(2, TINY_RL + ["--expert-model-parallel-size", "2", "--train-iters", "1",
+                                    "--routing-replay", replay, "--rl-mini-batch-size", "8",
+                                    "--rl-eval-size", "0", share, "--load", str(coldstart),
+                                    "--save", str(save)])
+        results[share] = steps(read_metrics(save))[1]
+        said = "one row per prompt" in proc.stdout + proc.stderr
+        assert said == (share == "--rl-share-prompts")
+    shared, alone = results["--rl-share-prompts"], results["--no-rl-share-prompts"]
+    # The groups' prompts were shared: the updates computed fewer positions.
+    assert shared["train/positions"] < 0.8 * alone["train/positions"]
+    assert shared["rollout/reward_mean"] == alone["rollout/reward_mean"]
+    for name in ("mismatch/kl", "train/loss", "train/entropy", "train/staleness_kl",
+                 "logprob/entropy", "train/grad_norm"):
+        assert shared[name] == pytest.approx(alone[name], rel=1e-4, abs=1e-6), name
+    for name in ("mismatch/router_agreement", "replay/fidelity", "replay/target_agreement",
+                 "train/clipfrac"):
+        assert shared[name] == pytest.approx(alone[name], abs=1e-3), name

@@ -1,0 +1,69 @@
+"""Worker: the tiny model with GroupedExperts against the same model with megatron-core's
+SequentialMLP: same parameters, outputs and gradients, bit for bit."""
+
+import argparse
+import json
+import os
+
+import torch
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from megatron_rl.distributed import ParallelConfig, init_distributed
+    from megatron_rl.model import provider
+    from megatron_rl.model.config import PRESETS
+
+    model = PRESETS["tiny"]
+    init_distributed(ParallelConfig(), model.num_layers, seed=1)
+
+    def build(grouped: bool):
+        chosen = provider.supports_grouped_experts
+        provider.supports_grouped_experts = lambda config: grouped and chosen(config)
+        try:
+            torch.manual_seed(0)
+            model_parallel_cuda_manual_seed(0)
+            return provider.build_model(model, ParallelConfig())[0]
+        finally:
+            provider.supports_grouped_experts = chosen
+
+    sequential, grouped = build(False), build(True)
+    result = {"classes": [type(m.decoder.layers[1].mlp.experts).__name__
+                          for m in (sequential, grouped)]}
+    a, b = sequential.state_dict(), grouped.state_dict()
+    result["same_keys"] = sorted(a) == sorted(b)
+    result["same_params"] = all(torch.equal(a[k], b[k]) for k in a if isinstance(a[k], torch.Tensor))
+    gen = torch.Generator().manual_seed(5)
+    # A batch of 160 tokens, and one of 3 tokens (12 expert slots for 16 experts: some
+    # experts get no token).
+    for name, (rows, length) in {"batch": (4, 40), "few_tokens": (1, 3)}.items():
+        tokens = torch.randint(4, 100, (rows, length), generator=gen)
+        positions = torch.arange(length).expand(rows, length)
+        mask = ~torch.ones(length, length, dtype=torch.bool).tril()[None, None]
+        outputs, grads = [], []
+        for m in (sequential, grouped):
+            m.zero_grad(set_to_none=True)
+            logits = m(tokens, positions, mask)
+            logits.float().pow(2).mean().backward()
+            outputs.append(logits.detach())
+            grads.append({n: p.grad for n, p in m.named_parameters()})
+        result[name] = {
+            "output_equal": torch.equal(*outputs),
+            "grads_equal": all(
+                (grads[0][n] is None and grads[1][n] is None)
+                or (grads[0][n] is not None and grads[1][n] is not None
+                    and torch.equal(grads[0][n], grads[1][n]))
+                for n in grads[0]),
+            "expert_grads": sum(1 for n, g in grads[1].items() if ".experts." in n and g is not None
+                                and bool(g.abs().sum() > 0)),
+        }
+    with open(os.path.join(args.out, "rank0.json"), "w") as handle:
+        json.dump(result, handle)
+
+
+if __name__ == "__main__":
+    main()
