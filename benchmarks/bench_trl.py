@@ -20,6 +20,12 @@ its own process tree, one after the other, and is measured the same way:
 A random policy rarely emits end-of-sequence, so both sides generate (almost) the full
 completion length; the mean completion lengths are printed to show it.
 
+Both sides run their defaults beyond the workload: megatron_rl lays each group's prompt
+out once in its trainer passes (``--rl-share-prompts``; a micro-batch is still 16
+responses, in rows of up to ``SEQ_LENGTH`` positions) and computes its experts with
+grouped GEMMs; TRL pads every completion's prompt in its own row. ``--mrl-args "--no-rl-share-prompts"`` measures megatron_rl
+without prompt sharing.
+
     python benchmarks/bench_trl.py                       # the demo's workload + a sweep
     python benchmarks/bench_trl.py --sweep none --steps 6
     python benchmarks/bench_trl.py --workloads 64x8x6 --steps 3 --warmup 1   # smallest
@@ -285,9 +291,15 @@ def megatron_rl_command(w: Workload, steps: int, threads: int, save: Path, seed:
         "--rl-eval-size", "0", "--eval-interval", "-1", "--no-progress",
         "--no-rl-rollout-progress", "--rl-rollout-threads", str(threads),
         "--rl-rollout-max-batch-size", str(w.batch),
-        "--rl-rollout-concurrency", str(w.batch), *extra,
+        "--rl-rollout-concurrency", str(w.batch), "--seq-length", str(SEQ_LENGTH), *extra,
     ]
 
+
+SEQ_LENGTH = 1024
+"""megatron_rl's --seq-length: rows of up to 1,024 positions, so that a group's shared
+prompt and its 8 responses fit one row at every completion length of the sweep (at the
+tiny preset's 256, 64-token groups are cut into rows of 2 responses). It bounds rows only:
+a sample's positions, and everything without prompt sharing, are the same."""
 
 STAGES = ("time/rollout", "time/logprob", "time/update", "time/sync")
 SYNC_PARTS = ("time/sync_export", "time/sync_update")
