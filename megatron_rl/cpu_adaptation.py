@@ -37,9 +37,11 @@ optimizers, the pipeline schedules and dist_checkpointing under torchrun with gl
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import logging
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -51,6 +53,8 @@ logger = logging.getLogger(__name__)
 # (owner, attribute name, original value) for everything activate() replaced.
 _replaced: list[tuple[Any, str, Any]] = []
 _mode: TorchFunctionMode | None = None
+# "module:function" -> calls the device mode rewrote there since activate().
+_redirected: collections.Counter[str] = collections.Counter()
 
 _CUDA_TYPE_NAMES = {
     "torch.FloatTensor": "torch.cuda.FloatTensor",
@@ -89,6 +93,25 @@ def _is_cuda_device(device: Any) -> bool:
     return False
 
 
+def redirect_sites() -> dict[str, int]:
+    """Where the device mode rewrote a call since :func:`activate`, as
+    ``{"module:function": calls}``: the places that still need it (megatron-core naming a
+    CUDA device or type). Everything else pays only the mode's hook."""
+    return dict(_redirected)
+
+
+def _count_redirect() -> None:
+    """Charge a rewrite to the first caller outside torch and this module."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if not (module == __name__ or module == "torch" or module.startswith("torch.")):
+            break
+        frame = frame.f_back
+    site = f"{frame.f_globals.get('__name__')}:{frame.f_code.co_name}" if frame else "?"
+    _redirected[site] += 1
+
+
 class _CpuDeviceMode(TorchFunctionMode):
     """Rewrites CUDA device arguments of every torch call to the CPU."""
 
@@ -97,10 +120,14 @@ class _CpuDeviceMode(TorchFunctionMode):
         device = kwargs.get("device")
         if device is not None and _is_cuda_device(device):
             kwargs = dict(kwargs, device="cpu")
+            _count_redirect()
         if func is torch.Tensor.to and args and len(args) > 1 and _is_cuda_device(args[1]):
             args = (args[0], "cpu", *args[2:])
+            _count_redirect()
         elif func is torch.Tensor.type and len(args) == 1 and not kwargs:
             name = func(*args)
+            if name in _CUDA_TYPE_NAMES:
+                _count_redirect()
             return _CUDA_TYPE_NAMES.get(name, name)
         return func(*args, **kwargs)
 
@@ -127,6 +154,7 @@ def _redirect_cuda_devices() -> None:
     and moves them with ``.cuda()``; on CPU all of these must land on the CPU."""
     global _mode
     _mode = _CpuDeviceMode()
+    _redirected.clear()
     _mode.__enter__()
     _replace(torch.Tensor, "cuda", lambda self, *args, **kwargs: self)
     _replace(torch.nn.Module, "cuda", lambda self, *args, **kwargs: self)

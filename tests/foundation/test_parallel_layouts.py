@@ -47,3 +47,23 @@ def test_layout_matches_single_process(layout, reference, torchrun, tmp_path):
         assert record["grad_norms"] == pytest.approx(ref["grad_norms"], rel=NORM_RTOL)
     # The reference itself must have learned something, or equal losses prove little.
     assert ref["losses"][1] < ref["losses"][0]
+
+
+@pytest.mark.slow
+def test_device_redirects_are_few_and_all_in_megatron_core(reference):
+    """The CPU adaptation's device mode hooks every torch call of the trainer, but rewrites
+    only where megatron-core names a CUDA device or type: its optimiser (construction,
+    gradient norm, the fp32 type checks of clipping) and its schedule's token counter.
+    A new site (or one in this project's own code) fails here, with the list."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("the CPU adaptation is inactive with CUDA")
+    _, ref = reference
+    sites = ref["redirect_sites"]
+    assert sites, "two SFT steps needed no redirect at all: is the mode still installed?"
+    assert all(site.startswith("megatron.core.") for site in sites), sites
+    modules = {site.split(":")[0] for site in sites}
+    assert modules <= {"megatron.core.optimizer.optimizer", "megatron.core.optimizer.clip_grads",
+                       "megatron.core.utils", "megatron.core.pipeline_parallel.schedules"}, sites
+    assert len(sites) <= 6, sites

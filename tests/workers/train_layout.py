@@ -108,7 +108,10 @@ def main():
             ckpt.save_checkpoint(engine, args.save, step + 1, {})
         if args.dump_at == step + 1:
             dump()
-    record = {"losses": losses, "grad_norms": norms, "rank": rank}
+    from megatron_rl import cpu_adaptation
+
+    record = {"losses": losses, "grad_norms": norms, "rank": rank,
+              "redirect_sites": cpu_adaptation.redirect_sites()}
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as handle:
         json.dump(record, handle)
 
