@@ -1,22 +1,27 @@
 #!/usr/bin/env bash
-# The paper's study (arXiv 2512.01374) at laptop scale, about an hour on 2 CPU cores:
-#   - cold start: 800 supervised steps of the tiny preset on chain_sum (~10 min);
-#   - MiniRL at off-policiness N = 1, 4, 8 with routing replay none / R2 / R3;
-#   - the on-policy objective ablation (N = 1, no replay): MiniRL without the IS
-#     correction, MiniRL with length normalisation, GRPO;
-#   - 2 seeds each: 24 runs of 48 gradient updates (mini-batch 8 prompts x 8 responses),
-#     2 at a time (trainer and rollout server of a run take turns on one core).
-# The rollout server runs bf16, the trainer fp32. One learning rate for every run.
+# The headline panel of the paper's study (arXiv 2512.01374) at laptop scale, about an
+# hour on 2 CPU cores (docs/study.md, "Dec 6"):
+#   - cold start: the tiny preset on chain_sum, stopped at step 650 of an 800-step cosine
+#     schedule (greedy held-out 0.930, sampled 0.777; ~9 min);
+#   - FP8 rollouts (bf16 activations) against the fp32 trainer: the paper's
+#     training-inference discrepancy (KL ~3e-3, ~1.4% of token-layer routes differ);
+#   - MiniRL on-policy (N = 1, no replay) and off-policy (N = 8) with routing replay
+#     none / R2 / R3, 3 seeds each: 12 runs of 96 gradient updates of 64 prompts x 8
+#     responses, lr 1e-4, held-out greedy and sampled (avg@8) accuracy every 8 updates;
+#     about 8 min a run, 2 at a time.
 # Interrupted? Run it again: finished runs are kept, the others resume.
-# Tables and plots: $OUT/summary.md, summary.csv, runs.csv, plots/*.png (docs/study.md).
+# Tables and plots: $OUT/summary.md, summary.csv, runs.csv, plots/*.png (one column per N).
+# The full grid of issue 17 adds N = 2, 4 and the on-policy objective ablation
+# (objectives=minirl_no_is,minirl_length_norm,grpo n=1 replay=none): pass more --grid.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/study_tiny}
 PYTHON=${PYTHON:-python}
 
 "$PYTHON" tools/study.py --out "$OUT" \
-    --grid "objectives=minirl n=1,4,8 replay=none,r2,r3" \
-    --grid "objectives=minirl_no_is,minirl_length_norm,grpo n=1 replay=none" \
-    --seeds 1 2 --parallel "${PARALLEL:-2}" \
-    --updates 48 --eval-every 8 --prompts-per-update 8 --group-size 8 \
-    --max-new-tokens 6 --lr 5e-5 --coldstart-iters 800 "$@"
+    --grid "objectives=minirl n=1 replay=none" \
+    --grid "objectives=minirl n=8 replay=none,r2,r3" \
+    --seeds 1 2 3 --parallel "${PARALLEL:-2}" \
+    --coldstart-iters 650 --coldstart-decay-iters 800 \
+    --prompts-per-update 64 --micro-batch-size 64 --lr 1e-4 --updates 96 --eval-every 8 \
+    --rollout-quantization fp8 "$@"
