@@ -34,8 +34,9 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 def supports_grouped_experts(config: TransformerConfig) -> bool:
     """Whether :class:`GroupedExperts` computes exactly what SequentialMLP computes under
-    ``config`` (else the model is built with SequentialMLP)."""
-    if not hasattr(torch, "_grouped_mm"):
+    ``config`` (else the model is built with SequentialMLP). CPU only: CUDA's grouped GEMM
+    has dtype and architecture limits of its own, and GPUs have Transformer Engine's."""
+    if not hasattr(torch, "_grouped_mm") or torch.cuda.is_available():
         return False
     recompute_modules = getattr(config, "recompute_modules", None) or ()
     return not (
@@ -51,6 +52,21 @@ def supports_grouped_experts(config: TransformerConfig) -> bool:
     )
 
 
+class _DenseGrad(torch.autograd.Function):
+    """Identity whose backward hands on a dense gradient: the CPU grouped GEMM's backward
+    rejects a broadcast (stride-0) one, such as a sum's."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        if 0 in grad.stride():
+            return grad.clone(memory_format=torch.contiguous_format)
+        return grad.contiguous()
+
+
 class GroupedExperts(SequentialMLP):
     """SequentialMLP with all local experts computed in one grouped GEMM per projection."""
 
@@ -61,6 +77,10 @@ class GroupedExperts(SequentialMLP):
         permuted_probs: torch.Tensor,
     ) -> tuple[torch.Tensor, None]:
         hidden = permuted_local_hidden_states
+        if hidden.shape[0] == 0:
+            # No token for this rank's experts (expert parallelism): the grouped GEMM's
+            # backward cannot take empty groups only; SequentialMLP's loop can.
+            return super().forward(hidden, tokens_per_expert, permuted_probs)
         counts = torch.as_tensor(tokens_per_expert, device=hidden.device)
         if counts.numel() != self.num_local_experts or int(counts.sum()) != hidden.shape[0]:
             raise ValueError(
@@ -71,11 +91,11 @@ class GroupedExperts(SequentialMLP):
         # product megatron's linear layers compute.
         fc1 = torch.stack([e.linear_fc1.weight for e in self.local_experts]).transpose(1, 2)
         fc2 = torch.stack([e.linear_fc2.weight for e in self.local_experts]).transpose(1, 2)
-        intermediate = torch._grouped_mm(hidden, fc1, offs=offsets)
+        intermediate = _DenseGrad.apply(torch._grouped_mm(hidden, fc1, offs=offsets))
         intermediate = self._activation(intermediate)
         original_dtype = intermediate.dtype
         intermediate = (intermediate * permuted_probs.unsqueeze(-1)).to(original_dtype)
-        return torch._grouped_mm(intermediate, fc2, offs=offsets), None
+        return _DenseGrad.apply(torch._grouped_mm(intermediate, fc2, offs=offsets)), None
 
     def _activation(self, x: torch.Tensor) -> torch.Tensor:
         """MLP's unfused activation (megatron.core.transformer.mlp.MLP.forward)."""

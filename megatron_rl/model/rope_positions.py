@@ -43,6 +43,9 @@ class PositionedRotaryEmbedding(RotaryEmbedding):
         if positions.dim() != 2 or positions.shape[1] != max_seq_len:
             raise ValueError(f"rotary positions {tuple(positions.shape)} do not match the "
                              f"sequence length {max_seq_len} of the forward")
+        if self.inv_freq.device.type == "cpu" and torch.cuda.is_available():
+            # As RotaryEmbedding.get_emb: the frequencies move to the GPU at first use.
+            self.inv_freq = self.inv_freq.to(device=torch.cuda.current_device())
         # As RotaryEmbedding.get_freqs_non_repeated, per (token, row): position x inv_freq.
         seq = positions.t().to(device=self.inv_freq.device, dtype=self.inv_freq.dtype)
         if self.seq_len_interpolation_factor is not None:

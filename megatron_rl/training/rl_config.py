@@ -33,7 +33,8 @@ class RLConfig:
     --micro-batch-size responses in one row per prompt (cut at --seq-length). Needs an
     attention that takes an explicit mask -- megatron-core's local layer spec, which the
     model uses without Transformer Engine (the CPU path) -- and neither context
-    parallelism nor --rl-sequence-packing. Default: on where it applies."""
+    parallelism, --rl-sequence-packing nor a load-balancing loss (--moe-aux-loss-coeff,
+    which counts tokens). Default: on where it applies."""
     router_agreement: bool = True
     """Ask the rollout servers for routed experts even without r3, to measure how often
     the trainer's own top-k agrees with the inference engine's."""
@@ -106,6 +107,11 @@ class RLConfig:
     def _sharing_blocker(self, run: RunView) -> str | None:
         if self.sequence_packing:
             return "not with --rl-sequence-packing"
+        if run.model.moe_aux_loss_coeff > 0:
+            # The load-balancing loss would see a shared prompt token once instead of G
+            # times: another objective, not the same one computed faster.
+            return (f"--moe-aux-loss-coeff {run.model.moe_aux_loss_coeff}: the load-balancing "
+                    "loss counts tokens, and a shared prompt's would count once")
         if run.parallel.context_parallel_size > 1:
             return (f"--context-parallel-size {run.parallel.context_parallel_size} cannot "
                     "split a tree of responses")

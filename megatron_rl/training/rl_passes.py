@@ -64,12 +64,17 @@ def make_batches(samples: list[Sample], layout: BatchLayout, *,
     exchanges are collective per micro-batch), padding with empty micro-batches where
     needed."""
     share = layout.share_prompts and not layout.pack
+    longest = _agreed(max((s.num_inputs for s in samples), default=1))
+    if layout.seq_length is not None and longest > layout.seq_length:
+        # Refused on every rank alike (a rank raising alone would leave the others
+        # waiting in the next collective).
+        raise ValueError(f"a sample has {longest} input tokens, above --seq-length "
+                         f"{layout.seq_length}")
+    min_rows = 0
     if share:
         widest, most_rows = plan_rows(samples, layout.micro_batch_size,
                                       max_length=layout.seq_length)
         longest, min_rows = _agreed(max(widest, 1)), _agreed(max(most_rows, 1))
-    else:
-        longest, min_rows = _agreed(max((s.num_inputs for s in samples), default=1)), 0
     route_shape = layout.route_shape if with_routes else None
     batches, length = split_microbatches(
         samples, layout.micro_batch_size, pad_multiple=_pad_multiple(),
@@ -242,7 +247,9 @@ def policy_updates(
         stats = merge_stats([o["stats"] for o in result.outputs])
         # What the update computed: rows x row length of its micro-batches, padding and
         # shared prompts (once) included.
-        stats["train/positions"] = Stat(float(len(batches) * rows * length), 1.0, "sum")
+        # (counted once per data-parallel replica: the stats are summed over all ranks).
+        stats["train/positions"] = Stat(float(len(batches) * rows * length) / _dp_replicas(),
+                                        1.0, "sum")
         if replay is not None:
             measured = replay.stats()
             if as_old:

@@ -303,6 +303,11 @@ def test_prompt_sharing_is_on_where_it_applies_and_refused_where_it_cannot_work(
     assert not packed.rl.prompt_sharing(packed, transformer_engine=False)
     with pytest.raises(ConfigError, match="--rl-share-prompts: not with --rl-sequence-packing"):
         parse_args(MBS + rl + ["--rl-sequence-packing", "--rl-share-prompts"], world_size=1)
+    aux = parse_args(MBS + rl + ["--moe-aux-loss-coeff", "0.01"], world_size=1)
+    assert not aux.rl.prompt_sharing(aux, transformer_engine=False)
+    with pytest.raises(ConfigError, match="--rl-share-prompts: --moe-aux-loss-coeff 0.01"):
+        parse_args(MBS + rl + ["--moe-aux-loss-coeff", "0.01", "--rl-share-prompts"],
+                   world_size=1)
     with pytest.raises(ConfigError, match="--rl-share-prompts: --context-parallel-size 2"):
         parse_args(MBS + rl + ["--context-parallel-size", "2", "--rl-share-prompts"],
                    world_size=2)

@@ -3,9 +3,14 @@
 from types import SimpleNamespace
 
 import pytest
+import torch
 from torchrun_launch import WORKERS
 
 from megatron_rl.model.grouped_experts import supports_grouped_experts
+
+pytestmark = pytest.mark.skipif(
+    torch.cuda.is_available() or not hasattr(torch, "_grouped_mm"),
+    reason="GroupedExperts is the CPU path (torch._grouped_mm on CPU)")
 
 
 def _config(**overrides):
@@ -35,3 +40,8 @@ def test_grouped_experts_equal_sequential_mlp_bit_for_bit(torchrun, tmp_path):
         assert result[case]["grads_equal"], case
     # Gradients reached the experts (a model whose experts got none would pass trivially).
     assert result["batch"]["expert_grads"] >= 16
+    # No token for the local experts, and a broadcast gradient: SequentialMLP's results.
+    assert result["no_tokens"]["shape"] == [0, 128]
+    assert result["broadcast_grad"]["shape"] == [40, 128]
+    for case in ("no_tokens", "broadcast_grad"):
+        assert result[case]["output_equal"] and result[case]["grads_equal"], case

@@ -61,6 +61,30 @@ def main():
             "expert_grads": sum(1 for n, g in grads[1].items() if ".experts." in n and g is not None
                                 and bool(g.abs().sum() > 0)),
         }
+    # The experts alone: no token for this rank's experts (expert parallelism routed them
+    # all elsewhere), and a gradient that arrives broadcast (a sum's).
+    for name, rows in {"no_tokens": 0, "broadcast_grad": 40}.items():
+        hidden = torch.randn(rows, model.hidden_size, generator=gen)
+        counts = torch.zeros(model.num_experts, dtype=torch.long)
+        counts[: max(rows, 1)] = 0 if rows == 0 else 1
+        counts[0] += rows - int(counts.sum())
+        probs = torch.rand(rows, generator=gen)
+        outs, grads = [], []
+        for m in (sequential, grouped):
+            experts = m.decoder.layers[1].mlp.experts
+            experts.zero_grad(set_to_none=True)
+            x = hidden.clone().requires_grad_(True)
+            out, _ = experts(x, counts, probs)
+            out.sum().backward()
+            outs.append(out.detach())
+            grads.append([x.grad] + [p.grad for p in experts.parameters()])
+        result[name] = {
+            "shape": list(outs[1].shape),
+            "output_equal": torch.equal(*outs),
+            "grads_equal": all((a is None and b is None) or (a is not None and b is not None
+                                                             and torch.equal(a, b))
+                               for a, b in zip(*grads)),
+        }
     with open(os.path.join(args.out, "rank0.json"), "w") as handle:
         json.dump(result, handle)
 
