@@ -83,7 +83,7 @@ def main():
             "output_equal": torch.equal(*outs),
             "grads_equal": all((a is None and b is None) or (a is not None and b is not None
                                                              and torch.equal(a, b))
-                               for a, b in zip(*grads)),
+                               for a, b in zip(*grads, strict=True)),
         }
     with open(os.path.join(args.out, "rank0.json"), "w") as handle:
         json.dump(result, handle)
