@@ -12,6 +12,19 @@ def torchrun():
     return run_torchrun
 
 
+@pytest.fixture
+def adapted():
+    """megatron-core's CPU adaptation applied for the test (undone after it, unless it was
+    active before)."""
+    from megatron_rl import cpu_adaptation
+
+    was_active = cpu_adaptation.is_active()
+    cpu_adaptation.activate()
+    yield
+    if not was_active:
+        cpu_adaptation.deactivate()
+
+
 def pytest_collection_modifyitems(config, items):
     has_cuda = torch.cuda.is_available()
     try:

@@ -8,15 +8,6 @@ from megatron_rl import cpu_adaptation
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only behaviour")
 
 
-@pytest.fixture
-def adapted():
-    was_active = cpu_adaptation.is_active()
-    cpu_adaptation.activate()
-    yield
-    if not was_active:
-        cpu_adaptation.deactivate()
-
-
 def test_only_needed_without_cuda():
     assert cpu_adaptation.needed() == (not torch.cuda.is_available())
 

@@ -4,7 +4,6 @@ import pytest
 import torch
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
-from megatron_rl import cpu_adaptation
 from megatron_rl.model.rope_positions import (
     PositionedRotaryEmbedding,
     rotary_positions,
@@ -12,16 +11,8 @@ from megatron_rl.model.rope_positions import (
 )
 
 
-@pytest.fixture
-def adapted():
-    """megatron's RotaryEmbedding moves its frequencies to 'the' CUDA device."""
-    was_active = cpu_adaptation.is_active()
-    cpu_adaptation.activate()
-    yield
-    if not was_active:
-        cpu_adaptation.deactivate()
-
-
+# megatron's RotaryEmbedding moves its frequencies to "the" CUDA device: the tests run
+# under the CPU adaptation (the `adapted` fixture of conftest.py).
 def _rotary(**kwargs):
     return RotaryEmbedding(kv_channels=32, rotary_percent=1.0, rotary_base=10000,
                            use_cpu_initialization=True, **kwargs)
