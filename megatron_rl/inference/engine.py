@@ -21,7 +21,9 @@ forward -- the prompt and every generated token but the last -- in SGLang's layo
 
 Padding does not leak into real tokens: padded keys are masked, positions count real
 tokens only, attention is eager and each token's expert computation is independent of the
-other rows (tests compare batched with single generation: bit-identical in bf16). Sampling follows SGLang (see
+other rows (tests compare batched with single generation: bit-identical in bf16). bf16
+matrix products are rounded once from a wide accumulation, as on a GPU (``inference.bf16_gemm``).
+Sampling follows SGLang (see
 ``inference.sampling``), with one generator per request.
 
 Limits (SGLang's server arguments of the same names): at most ``max_running_requests``
@@ -45,6 +47,7 @@ thread, and a checkpoint that does not fit is refused before anything changes.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import math
 import os
@@ -57,7 +60,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache, Qwen3MoeConfig
 
-from megatron_rl.inference import fp8
+from megatron_rl.inference import bf16_gemm, fp8
 from megatron_rl.inference.hf_model import (
     DTYPES,
     RouteCapture,
@@ -228,6 +231,10 @@ class GenerationEngine:
         self.tokenizer_path = self.model_path
         self.tokenizer = load_tokenizer(self.model_path) if load_tokenizer_files else None
         self._capture = RouteCapture(self.model)
+        # bf16 products rounded once from a wide accumulation, as on a GPU, without
+        # oneDNN's per-shape bf16 kernels; entered on the worker thread only (inference.bf16_gemm).
+        self._products = (bf16_gemm.Bf16Products() if self.dtype == torch.bfloat16
+                          else contextlib.nullcontext())
         self._seeds = random.Random(seed)
         self._queue: collections.deque = collections.deque()
         self._queued_rows = 0
@@ -503,7 +510,7 @@ class GenerationEngine:
 
         cache = DynamicCache(config=self.config)
         self._capture.record(capture)
-        out = self.model(
+        out = self._forward(
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
@@ -553,7 +560,7 @@ class GenerationEngine:
             feed = tokens[0][keep][:, None]
             mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype)], dim=1)
             self._capture.record(capture)
-            out = self.model(
+            out = self._forward(
                 input_ids=feed,
                 attention_mask=mask,
                 position_ids=next_position[active][:, None],
@@ -569,6 +576,10 @@ class GenerationEngine:
 
         for b, row in enumerate(rows):
             row.future.set_result(self._result(row, lengths[b], cached[b], input_logprobs[b]))
+
+    def _forward(self, **inputs):
+        with self._products:
+            return self.model(**inputs)
 
     def _sample(self, rows: list[_Row], active: list[int], logits: torch.Tensor):
         picked = [rows[b] for b in active]

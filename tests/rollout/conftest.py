@@ -16,6 +16,7 @@ import torch
 from rollout_env import API_KEY, SERVER_BATCH
 from transformers import Qwen3MoeForCausalLM
 
+from megatron_rl.inference.bf16_gemm import Bf16Products
 from megatron_rl.inference.launcher import ServerHandle, start_server_process
 from megatron_rl.model.config import preset
 from megatron_rl.weight_sync.hf_config import save_random_checkpoint
@@ -96,7 +97,8 @@ def servers(checkpoints):
 
 def hf_reference(model_dir, tiny):
     """``forward(ids) -> (logits [T, V] float32, routes [T, moe_layers, k])`` of the
-    checkpoint in plain transformers (bf16, eager attention), routes from gate hooks."""
+    checkpoint in plain transformers (bf16, eager attention, the engine's bf16 products:
+    ``inference.bf16_gemm``), routes from gate hooks."""
     model = Qwen3MoeForCausalLM.from_pretrained(
         model_dir, dtype=torch.bfloat16, attn_implementation="eager"
     ).eval()
@@ -109,7 +111,8 @@ def hf_reference(model_dir, tiny):
     @torch.no_grad()
     def forward(ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         seen.clear()
-        logits = model(input_ids=torch.tensor([ids])).logits[0].float()
+        with Bf16Products():
+            logits = model(input_ids=torch.tensor([ids])).logits[0].float()
         return logits, torch.stack(seen, dim=1)  # [T, V], [T, moe_layers, k]
 
     return forward
