@@ -699,7 +699,7 @@ def main(argv: list[str] | None = None) -> None:
     app = create_app(engine, api_key=args.api_key, max_body_bytes=args.max_request_bytes)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             access_log=False, timeout_graceful_shutdown=3)  # fmt: skip
-    server = _Server(config, engine)
+    server = StoppableServer(config, engine)
     if args.parent_pid is not None:
         server.lifetime.watch_parent(args.parent_pid)
     try:
@@ -708,7 +708,7 @@ def main(argv: list[str] | None = None) -> None:
         engine.close(timeout_s=5)
 
 
-class _Server(uvicorn.Server):
+class StoppableServer(uvicorn.Server):
     """uvicorn's server, stopped promptly: a stop request (SIGTERM, SIGINT, parent death)
     also ends the engine's running batch, so in-flight requests answer 503 at once instead
     of holding the graceful shutdown until they finish."""

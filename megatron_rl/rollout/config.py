@@ -116,6 +116,13 @@ class RolloutConfig:
     threads: int = field(default=1, metadata={"flag": "--rl-rollout-threads"})
     """Embedded server: torch CPU threads per server process (1 avoids fighting the trainer
     for the cores; raise it for larger models on many cores)."""
+    colocate: bool = field(default=False, metadata={"flag": "--rl-rollout-colocate"})
+    """Embedded server: serve it from a thread of trainer rank 0's process instead of a
+    process of its own (``inference.colocated``), so torch and the libraries are in memory
+    once, as a colocated SGLang engine shares the trainer's GPU (slime's --colocate, verl's
+    hybrid engine). Same HTTP API, engine and numerics; it shares the trainer's torch
+    threads and lives with the trainer (nothing to restart). One server; weights through
+    the disk path."""
     startup_timeout_s: float = field(
         default=180.0, metadata={"flag": "--rl-rollout-startup-timeout"}
     )
@@ -209,6 +216,16 @@ class RolloutConfig:
                     f"--rl-rollout-quantization {self.quantization} computes in bf16: it needs "
                     f"--rl-rollout-dtype bf16, not {self.dtype}"
                 )
+        if self.colocate:
+            refusal = (
+                "names external servers (--rl-rollout-url)" if self.urls
+                else f"asks for {self.num_servers} servers (one runs in the trainer's process)"
+                if self.num_servers > 1
+                else f"sets --rl-rollout-threads {self.threads}: a colocated server uses the "
+                     "trainer's torch threads" if self.threads != 1
+                else None)  # fmt: skip
+            if refusal:
+                raise ConfigError(f"--rl-rollout-colocate {refusal}")
         if self.port and self.num_servers > 1:
             raise ConfigError(
                 f"--rl-rollout-port {self.port} fixes one port but --rl-rollout-num-servers is "

@@ -153,6 +153,12 @@ class RLConfig:
                 f"--rl-weight-sync-bucket-mb ({self.weight_sync_bucket_mb}) must be >= 1 and "
                 f"--rl-weight-sync-timeout ({self.weight_sync_timeout_s}) > 0"
             )
+        if run.rollout.colocate and self.weight_sync == "distributed":
+            raise ConfigError(
+                "--rl-weight-sync distributed with --rl-rollout-colocate: the colocated "
+                "server lives in trainer rank 0's process, which cannot join a weight-update "
+                "group with itself; use --rl-weight-sync disk (the default)"
+            )
         if self.rollout_ahead not in (0, 1):
             raise ConfigError(
                 f"--rl-rollout-ahead {self.rollout_ahead}: only 0 (generate, then train) and "

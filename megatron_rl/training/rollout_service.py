@@ -1,7 +1,8 @@
 """The trainer's side of the rollout servers: start, generate, check, sync, stop.
 
 Without ``--rl-rollout-url`` global rank 0 starts the embedded SGLang-compatible
-server(s) on the policy's exported weights. Each data group's leader holds a client:
+server(s) on the policy's exported weights: processes of their own, or with
+``--rl-rollout-colocate`` one served from rank 0's process (``inference.colocated``). Each data group's leader holds a client:
 ``/generate`` goes to ``--rl-rollout-url`` (servers or one sglang-router), weight updates
 to ``--rl-rollout-worker-urls`` (default: the same servers).
 After every step the policy is exported in Hugging Face format (collective: sharded
@@ -90,7 +91,20 @@ class RolloutService:
         urls = list(self.config.urls)
         if not urls:
             path = self.weights.export(str(version))
-            if self.rank0:
+            if self.rank0 and self.config.colocate:
+                # Imported here: the HTTP stack joins the trainer's process only when it
+                # serves from it.
+                from megatron_rl.inference.colocated import start_colocated_server
+
+                config = self.config
+                self.servers = [start_colocated_server(
+                    path, port=config.port, host=config.host, api_key=config.resolved_api_key(),
+                    dtype=config.dtype, quantization=config.quantization,
+                    max_batch_size=config.max_batch_size, weight_version=str(version),
+                    startup_timeout_s=config.startup_timeout_s,
+                )]  # fmt: skip
+                urls = [s.url for s in self.servers]
+            elif self.rank0:
                 self.servers = start_embedded_servers(path, self.config,
                                                       weight_version=str(version),
                                                       log_dir=self._server_log_dir())
@@ -116,8 +130,7 @@ class RolloutService:
     def generate(self, requests: list[RolloutRequest], batch_id: str,
                  on_sample: Callable[[RolloutSample], None] | None = None) -> list[RolloutSample]:
         assert self.client is not None, "only data-group leaders generate"
-        if self.supervisor is not None:
-            self.supervisor.check()
+        self._check_servers()
         return self.client.generate_batch(requests, batch_id, on_sample=on_sample)
 
     def generate_trajectories(self, requests: list[RolloutRequest], items: dict,
@@ -126,13 +139,21 @@ class RolloutService:
                               ) -> list[RolloutSample]:
         """Multi-turn rollouts: ``generator``'s function run for every request."""
         assert self.client is not None, "only data-group leaders generate"
-        if self.supervisor is not None:
-            self.supervisor.check()
+        self._check_servers()
         generator.core = self.client.core
         shape = ModelShape.from_model_config(self.run.model)
         route_shape = (len(shape.moe_layers), shape.num_experts_per_tok)
         return run_sync(generator.generate(requests, items, batch_id, route_shape=route_shape,
                                            on_sample=on_sample))
+
+    def _check_servers(self) -> None:
+        """Restart a dead embedded server (or raise if it may not be); a colocated one
+        that stopped on its own raises, naming why."""
+        if self.supervisor is not None:
+            self.supervisor.check()
+        if self.config.colocate:
+            for server in self.servers:
+                server.check()
 
     def check_versions(self, samples: list[RolloutSample], policy: str,
                        expected: str | None = None) -> None:
@@ -158,6 +179,7 @@ class RolloutService:
     def sync(self, version: int) -> dict[str, float]:
         """Export the updated policy and load it on every server (collective)."""
         if self.supervisor is None:
+            self._check_servers()
             result = self.weights.sync(str(version))
             self._note(str(version))
         else:

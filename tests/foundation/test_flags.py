@@ -60,6 +60,15 @@ def test_preset_then_overrides():
         (["--stage", "sft", "--eval-samples", "4"], 1,
          "--eval-samples samples on the rollout servers, which only an RL run"),
         (["--eval-samples", "-1"], 1, "--eval-samples must be >= 0"),
+        (["--rl-rollout-colocate", "--rl-rollout-url", "http://h:1"], 1,
+         "--rl-rollout-colocate names external servers"),
+        (["--rl-rollout-colocate", "--rl-rollout-num-servers", "2"], 1,
+         "--rl-rollout-colocate asks for 2 servers"),
+        (["--rl-rollout-colocate", "--rl-rollout-threads", "2"], 1,
+         "--rl-rollout-colocate sets --rl-rollout-threads 2: a colocated server uses the "
+         "trainer's torch threads"),
+        (["--rl-rollout-colocate", "--rl-weight-sync", "distributed"], 1,
+         "--rl-weight-sync distributed with --rl-rollout-colocate"),
     ],
 )
 def test_bad_flags_are_refused_with_one_clear_message(argv, world, message):

@@ -88,3 +88,35 @@ def test_sharing_prompts_changes_no_result(replay, coldstart, tmp_path):
     for name in ("mismatch/router_agreement", "replay/fidelity", "replay/target_agreement",
                  "train/clipfrac"):
         assert shared[name] == pytest.approx(alone[name], abs=1e-3), name
+
+
+@pytest.mark.slow
+def test_a_colocated_server_changes_no_result(coldstart, tmp_path):
+    """Two RL steps (R3, EP = 2, a weight sync in between, evaluation on the servers) with
+    the embedded server in a process of its own and served from rank 0's process: the same
+    rollouts, evaluations and updates, and no server process in the colocated run."""
+    results, said = {}, {}
+    for colocate in ("--rl-rollout-colocate", "--no-rl-rollout-colocate"):
+        save = tmp_path / colocate
+        proc = launch(2, TINY_RL + ["--expert-model-parallel-size", "2", "--train-iters", "2",
+                                    "--routing-replay", "r3", "--rl-mini-batch-size", "8",
+                                    "--eval-samples", "2", colocate, "--load", str(coldstart),
+                                    "--save", str(save)])
+        results[colocate] = read_metrics(save)
+        log = proc.stdout + proc.stderr
+        said[colocate] = ("ready (in process" in log, "ready (pid" in log)
+        assert (save / "weights" / "v2" / "config.json").is_file()
+    assert said == {"--rl-rollout-colocate": (True, False),
+                    "--no-rl-rollout-colocate": (False, True)}
+    together, apart = results["--rl-rollout-colocate"], results["--no-rl-rollout-colocate"]
+    assert [r["step"] for r in together] == [r["step"] for r in apart] == [0, 1, 2]
+    for ours, theirs in zip(together, apart, strict=True):
+        for name in ("rollout/reward_mean", "rollout/response_length_mean", "mismatch/kl",
+                     "mismatch/router_agreement", "eval/accuracy", "eval/sampled_accuracy",
+                     "rollout/weight_version"):
+            assert ours.get(name) == theirs.get(name), (ours["step"], name)
+        for name in ("train/loss", "train/grad_norm", "train/entropy"):
+            if ours["step"] > 0:
+                assert ours[name] == pytest.approx(theirs[name], rel=1e-5), name
+    assert together[0]["eval/sampled_accuracy"] is not None
+    assert together[2]["rollout/weight_version"] == 1
