@@ -76,8 +76,11 @@ def run_once(w: Workload, k: int, args, work: Path) -> list[dict]:
     save = work / f"k{k}"
     work.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(save, ignore_errors=True)
-    cmd = megatron_rl_command(w, args.steps, args.threads, save, args.seed,
-                              ("--rl-rollout-ahead", str(k), *args.mrl_args.split()))
+    # A server process of its own: pinned to the other core, it generates the next batch
+    # while the trainer trains on this one.
+    cmd = megatron_rl_command(w, args.steps, save, args.seed,
+                              ("--rl-rollout-ahead", str(k), "--no-rl-rollout-colocate",
+                               *args.mrl_args.split()))
     pin = args.pin and can_pin()
     if pin:
         cmd = ["taskset", "-c", "0", *cmd]

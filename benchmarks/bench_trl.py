@@ -11,8 +11,8 @@ its own process tree, one after the other, and is measured the same way:
   updates, and for megatron_rl the weight sync to its rollout server): the median over the
   steps after ``--warmup`` ones; megatron_rl's own ``time/step`` from metrics.jsonl, TRL's
   from the time between the ends of every N-th optimiser step (a trainer callback);
-- peak resident memory of the whole process tree (megatron_rl's trainer plus its embedded
-  rollout server), sampled with psutil every 50 ms;
+- peak resident memory of the whole process tree, sampled with psutil every 50 ms
+  (megatron_rl: the trainer and, with ``--no-rl-rollout-colocate``, its server process);
 - on Linux, the share of the machine's CPU time the hypervisor took away (``steal`` in
   /proc/stat) while each side ran: on a shared VM, wall and even CPU times of a run that
   saw steal are inflated, and more so for megatron_rl's two processes than TRL's one.
@@ -20,11 +20,14 @@ its own process tree, one after the other, and is measured the same way:
 A random policy rarely emits end-of-sequence, so both sides generate (almost) the full
 completion length; the mean completion lengths are printed to show it.
 
-Both sides run their defaults beyond the workload: megatron_rl lays each group's prompt
-out once in its trainer passes (``--rl-share-prompts``; a micro-batch is still 16
-responses, in rows of up to ``SEQ_LENGTH`` positions) and computes its experts with
-grouped GEMMs; TRL pads every completion's prompt in its own row. ``--mrl-args "--no-rl-share-prompts"`` measures megatron_rl
-without prompt sharing.
+Both sides run their defaults beyond the workload, with one exception: megatron_rl serves
+its rollouts from the trainer's process (``--rl-rollout-colocate``), as TRL generates in
+its own, rather than from a server process of its own (``--mrl-args
+"--no-rl-rollout-colocate"`` measures that). megatron_rl lays each group's prompt out once
+in its trainer passes (``--rl-share-prompts``; a micro-batch is still 16 responses, in
+rows of up to ``SEQ_LENGTH`` positions) and computes its experts with grouped GEMMs; TRL
+pads every completion's prompt in its own row. ``--mrl-args "--no-rl-share-prompts"``
+measures megatron_rl without prompt sharing.
 
     python benchmarks/bench_trl.py                       # the demo's workload + a sweep
     python benchmarks/bench_trl.py --sweep none --steps 6
@@ -275,7 +278,7 @@ def _env(threads: int) -> dict[str, str]:
 # ---- megatron_rl side -------------------------------------------------------------------
 
 
-def megatron_rl_command(w: Workload, steps: int, threads: int, save: Path, seed: int,
+def megatron_rl_command(w: Workload, steps: int, save: Path, seed: int,
                         extra: tuple[str, ...] = ()) -> list[str]:
     """One process without a launcher (the loop initialises a world of one by itself);
     ``extra`` flags come last (they win)."""
@@ -289,9 +292,10 @@ def megatron_rl_command(w: Workload, steps: int, threads: int, save: Path, seed:
         "--rl-max-new-tokens", str(w.tokens), "--rl-temperature", "1.0",
         "--lr", "1e-4", "--lr-decay-style", "constant", "--adam-beta2", "0.95",
         "--rl-eval-size", "0", "--eval-interval", "-1", "--no-progress",
-        "--no-rl-rollout-progress", "--rl-rollout-threads", str(threads),
+        "--no-rl-rollout-progress",
         "--rl-rollout-max-batch-size", str(w.batch),
-        "--rl-rollout-concurrency", str(w.batch), "--seq-length", str(SEQ_LENGTH), *extra,
+        "--rl-rollout-concurrency", str(w.batch), "--seq-length", str(SEQ_LENGTH),
+        "--rl-rollout-colocate", *extra,
     ]
 
 
@@ -308,7 +312,7 @@ SYNC_PARTS = ("time/sync_export", "time/sync_update")
 def run_megatron_rl(w: Workload, args, work: Path) -> SideResult:
     save = work / "megatron_rl"
     shutil.rmtree(save, ignore_errors=True)
-    cmd = megatron_rl_command(w, args.steps, args.threads, save, args.seed,
+    cmd = megatron_rl_command(w, args.steps, save, args.seed,
                               tuple(shlex.split(args.mrl_args)))
     metrics = save / "metrics.jsonl"
     monitor = _run_measured(cmd, _env(args.threads), work / "megatron_rl.log", args.timeout,
@@ -503,7 +507,10 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=2, help="first steps of a run left out")
     p.add_argument("--rounds", type=int, default=2,
                    help="runs per side and workload, alternating which side goes first")
-    p.add_argument("--threads", type=int, default=1, help="torch threads of every process")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads of every process (the colocated rollout server shares "
+                        "the trainer's; a server process gets 1 unless --mrl-args sets "
+                        "--rl-rollout-threads)")
     p.add_argument("--micro", type=int, default=16, help="micro-batch size (responses)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
