@@ -6,6 +6,7 @@ to end, resume included: test_resume_and_faults.py.)"""
 import asyncio
 import json
 import logging
+import threading
 import time
 from types import SimpleNamespace
 
@@ -96,24 +97,31 @@ def test_version_check_takes_exactly_the_expected_older_version(caplog):
 
 def test_background_generation_overlaps_the_callers_compute():
     """The client waits on the servers inside its own event loop, so a trainer computing
-    meanwhile hides the whole wait (torch releases the GIL in its kernels)."""
+    meanwhile hides the wait (torch releases the GIL in its kernels): the caller computes
+    while the generation is under way, and the generation's result is then ready. Judged by
+    what happened inside the generation's window, not by wall-clock thresholds (a loaded
+    machine may start the thread late, which is no failure of the overlap)."""
+    window: dict[str, float] = {}
+    finished = threading.Event()
 
     def generate() -> RolloutBatch:
-        t0 = time.perf_counter()
-        run_sync(asyncio.sleep(0.4))  # the servers generating
-        return RolloutBatch(step=2, version=0, samples=[], generate_s=time.perf_counter() - t0)
+        window["start"] = time.perf_counter()
+        run_sync(asyncio.sleep(0.3))  # the servers generating
+        window["end"] = time.perf_counter()
+        finished.set()
+        return RolloutBatch(step=2, version=0, samples=[],
+                            generate_s=window["end"] - window["start"])
 
     a = torch.randn(256, 256)
-    started = time.perf_counter()
     job = AheadGeneration(generate, step=2)
-    computed = 0
-    while time.perf_counter() - started < 0.4:
+    stamps = []
+    while not finished.is_set():
         a = torch.tanh(a @ a)
-        computed += 1
+        stamps.append(time.perf_counter())
     batch = job.result()
-    waited = time.perf_counter() - started - 0.4
-    assert batch.ahead and batch.generate_s >= 0.4 and computed > 1
-    assert waited < 0.15, f"the caller waited {waited:.2f} s after computing for 0.4 s"
+    during = [t for t in stamps if window["start"] < t < window["end"]]
+    assert batch.ahead and batch.generate_s >= 0.3
+    assert len(during) >= 2, f"the caller computed {len(during)} times while generation ran"
 
 
 def test_generation_errors_reach_the_trainer_naming_the_step():
