@@ -81,7 +81,7 @@ def make_batches(samples: list[Sample], layout: BatchLayout, *,
         max_length=layout.seq_length,
         pack=layout.pack, pad_id=layout.pad_id, route_shape=route_shape, min_length=longest,
         share_prompts=share, min_rows=min_rows,
-    ) if samples else ([], layout.seq_length)
+    ) if samples else ([], 0)
     # Same inputs on every rank give the same length; ranks without samples adopt it.
     length = _agreed(length)
     rows = _agreed(batches[0].tokens.shape[0] if batches else max(min_rows, 1)) \
@@ -173,11 +173,13 @@ def _score(engine, samples, layout, *, into, entropy_stat, replay, replay_mode,
     """A forward-only pass that sets ``sample.<into>`` to each sample's log-probs."""
     if replay_mode == "replay" and not carry_routes:
         raise ValueError("a scoring pass replays routes only when the samples carry them")
-    if not samples:
-        return {}
     for i, sample in enumerate(samples):
         sample.index = i  # positions in this pass (a caller may pass a tail of the batch)
+    # A rank without samples still takes part (empty micro-batches): the passes'
+    # collectives would otherwise wait for it.
     batches, length, rows = make_batches(samples, layout, with_routes=carry_routes)
+    if not batches:  # no rank has samples
+        return {}
     forward_step = make_forward_step(old_logprob_pass(temperature, entropy_stat), replay)
     context = replay.pass_mode(replay_mode) if replay is not None else _null()
     with context:
