@@ -8,10 +8,14 @@ tokens, labels and masks are, since the chunks depend on where a sample sits in 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from megatron_rl.parallel_layout import split_for_cp
+
+if TYPE_CHECKING:
+    from megatron_rl.data.packing import MicroBatch
 
 
 def rank_share_of_sample(routes: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
@@ -31,20 +35,16 @@ def rank_share_of_microbatch(
     return split_for_cp(routes, 1, cp_size, cp_rank).contiguous()
 
 
-def routes_by_sample(
-    sample_ids: torch.Tensor, sample_index: Sequence[int], routes: torch.Tensor
-) -> dict[int, torch.Tensor]:
-    """Per-sample routes ``{mini-batch index: [tokens, layers, topk]}`` out of a
-    micro-batch's ``[B, S, layers, topk]`` (e.g. R2's recorded routes), in token order.
-
-    ``sample_ids`` is the micro-batch's ``[B, S]`` local sample index (-1 on padding).
-    Needs the whole sequence (CP = 1): a CP rank holds only part of each sample."""
-    if routes.shape[:2] != sample_ids.shape:
+def routes_by_sample(batch: MicroBatch, routes: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Per-sample routes ``{mini-batch index: [tokens, layers, topk]}`` out of ``routes``,
+    one entry per input position of ``batch`` (``[B, S, layers, topk]``, e.g. R2's recorded
+    routes), in each sample's token order -- gathered as the passes gather them
+    (``MicroBatch.sample_inputs``), so a shared prompt's routes reach every sample of its
+    group. Needs the whole sequence (CP = 1): a CP rank holds only part of each sample."""
+    if routes.shape[:2] != batch.sample_ids.shape:
         raise ValueError(
             f"routes cover {tuple(routes.shape[:2])} tokens, the micro-batch "
-            f"{tuple(sample_ids.shape)}"
+            f"{tuple(batch.sample_ids.shape)}"
         )
-    return {
-        index: routes[sample_ids == local].contiguous()
-        for local, index in enumerate(sample_index)
-    }
+    return {index: batch.sample_inputs(routes, local).contiguous()
+            for local, index in enumerate(batch.sample_index)}

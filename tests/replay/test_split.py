@@ -168,14 +168,29 @@ def test_sp_share_and_router_order_follow_megatron_layout():
         sp_share(ids, 3, 0)
 
 
-@pytest.mark.parametrize("pack", [False, True])
-def test_packing_places_routes_with_their_tokens_and_pads_uniformly(pack):
-    batch_samples = samples(5, seed=3)
+def shared_prompt_samples() -> list[Sample]:
+    """Two groups of three responses, each group with one prompt and its prompt's routes."""
+    out = []
+    for group, base in enumerate(samples(2, seed=5)):
+        p = base.prompt_len
+        for extra in samples(3, seed=10 + group):
+            tokens = base.tokens[:p] + extra.tokens[extra.prompt_len:]
+            routes = torch.cat([base.routes[: p - 1], extra.routes[extra.prompt_len - 1:]])
+            out.append(Sample(tokens=tokens, prompt_len=p, index=len(out), routes=routes))
+    return out
+
+
+@pytest.mark.parametrize("layout", ["rows", "packed", "shared prompts"])
+def test_packing_places_routes_with_their_tokens_and_pads_uniformly(layout):
+    batch_samples = shared_prompt_samples() if layout == "shared prompts" else samples(5, seed=3)
     batches, length = split_microbatches(batch_samples, 2, pad_multiple=8, max_length=32,
-                                         pack=pack, route_shape=(LAYERS, K, E))
+                                         pack=layout == "packed", route_shape=(LAYERS, K, E),
+                                         share_prompts=layout == "shared prompts")
+    if layout == "shared prompts":
+        assert any(batch.input_index is not None for batch in batches)
     seen = {}
     for batch in batches:
-        per_sample = routes_by_sample(batch.sample_ids, batch.sample_index, batch.routes)
+        per_sample = routes_by_sample(batch, batch.routes)
         seen.update(per_sample)
         pad = batch.sample_ids < 0
         rows = batch.routes.shape[0]

@@ -163,8 +163,7 @@ def main():
         for c in calls_a))
     per_sample_recorded = {}
     for b in batches:
-        for index, routes in routes_by_sample(b.sample_ids, b.sample_index,
-                                              recorded[b.key]).items():
+        for index, routes in routes_by_sample(b, recorded[b.key]).items():
             per_sample_recorded[index] = {moe[j]: routes[:, i].tolist()
                                           for i, j in enumerate(positions)}
 
