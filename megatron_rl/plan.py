@@ -425,7 +425,8 @@ def render(plan: Plan) -> str:
 def _servers(run: RunConfig) -> str:
     r = run.rollout
     if r.embedded:
-        where = f"{r.num_servers} embedded CPU server(s) ({r.dtype})"
+        where = (f"1 embedded CPU server ({r.dtype}) in rank 0's process (colocated)"
+                 if r.colocate else f"{r.num_servers} embedded CPU server(s) ({r.dtype})")
     else:
         where = f"{len(r.urls)} server URL(s): {', '.join(r.urls)}"
     routes = "routed experts requested" if (run.replay.needs_rollout_routes

@@ -172,3 +172,16 @@ def test_external_servers_refuse_random_weights(capsys, tmp_path):
     assert "1 server URL(s): http://10.0.0.5:30000" in capsys.readouterr().out
     # SFT never syncs weights to servers: no refusal.
     assert pretrain_rl.main(MBS + [*argv, "--stage", "sft", "--global-batch-size", "64"]) == 0
+
+
+@pytest.mark.parametrize("colocate", [False, True])
+def test_dry_run_says_where_the_embedded_server_runs(capsys, colocate):
+    import pretrain_rl
+
+    flags = ["--rl-rollout-colocate"] if colocate else []
+    assert pretrain_rl.main(MBS + ["--dry-run", "--world-size", "1", "--rl-max-new-tokens",
+                                   "64", *flags]) == 0
+    out = capsys.readouterr().out
+    expected = ("1 embedded CPU server (bf16) in rank 0's process (colocated)" if colocate
+                else "1 embedded CPU server(s) (bf16)")
+    assert expected in out
