@@ -82,6 +82,8 @@ class ColocatedServer:
         why = repr(self._error) if self._error is not None else "its thread ended"
         if not self._server.started:
             why = f"before it served ({why}; the log above says why, e.g. the port is taken)"
+        else:
+            why = f"while serving: {why}"
         raise ColocatedServerStopped(f"colocated rollout server {self.url} stopped {why}")
 
     def stop(self, timeout_s: float = 15.0) -> None:
