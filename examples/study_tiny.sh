@@ -11,8 +11,11 @@
 #     about 8 min a run, 2 at a time.
 # Interrupted? Run it again: finished runs are kept, the others resume.
 # Tables and plots: $OUT/summary.md, summary.csv, runs.csv, plots/*.png (one column per N).
-# The full grid of issue 17 adds N = 2, 4 and the on-policy objective ablation
-# (objectives=minirl_no_is,minirl_length_norm,grpo n=1 replay=none): pass more --grid.
+# The full grid of issue 17 (4 objectives x N = 1, 2, 4, 8 x none / R2 / R3 x 3 seeds,
+# 144 runs, about 10 hours here two at a time; 42 of them are in docs/study/dec6_*):
+#   OUT=runs/study_full examples/study_tiny.sh \
+#       --grid "objectives=minirl,minirl_no_is,minirl_length_norm,grpo n=1,2,4,8 replay=none,r2,r3"
+# (a --grid given here replaces none of the two above: runs of every grid are kept).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/study_tiny}

@@ -64,3 +64,16 @@ def test_a_start_that_fails_says_why_at_once(servers, checkpoints):
     with pytest.raises(ColocatedServerStopped, match=rf"127.0.0.1:{taken} stopped before it "
                                                      r"served \(SystemExit"):
         start_colocated_server(checkpoints.main, port=taken, startup_timeout_s=60)
+
+
+def test_a_server_that_stops_on_its_own_is_reported(checkpoints):
+    server = start_colocated_server(checkpoints.main, api_key=API_KEY)
+    try:
+        server._server.should_exit = True  # uvicorn leaves its loop as if it had failed
+        server._thread.join(timeout=30)
+        with pytest.raises(ColocatedServerStopped, match="stopped while serving: its thread "
+                                                         "ended"):
+            server.check()
+    finally:
+        server.stop()
+    server.check()
