@@ -47,7 +47,6 @@ thread, and a checkpoint that does not fit is refused before anything changes.
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 import math
 import os
@@ -233,8 +232,8 @@ class GenerationEngine:
         self._capture = RouteCapture(self.model)
         # bf16 products rounded once from a wide accumulation, as on a GPU, without
         # oneDNN's per-shape bf16 kernels; entered on the worker thread only (inference.bf16_gemm).
-        self._products = (bf16_gemm.Bf16Products() if self.dtype == torch.bfloat16
-                          else contextlib.nullcontext())
+        self._products = (bf16_gemm.scope(self.model) if self.dtype == torch.bfloat16
+                          else None)
         self._seeds = random.Random(seed)
         self._queue: collections.deque = collections.deque()
         self._queued_rows = 0
@@ -510,7 +509,7 @@ class GenerationEngine:
 
         cache = DynamicCache(config=self.config)
         self._capture.record(capture)
-        out = self._forward(
+        out = self.model(
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
@@ -560,7 +559,7 @@ class GenerationEngine:
             feed = tokens[0][keep][:, None]
             mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype)], dim=1)
             self._capture.record(capture)
-            out = self._forward(
+            out = self.model(
                 input_ids=feed,
                 attention_mask=mask,
                 position_ids=next_position[active][:, None],
@@ -576,10 +575,6 @@ class GenerationEngine:
 
         for b, row in enumerate(rows):
             row.future.set_result(self._result(row, lengths[b], cached[b], input_logprobs[b]))
-
-    def _forward(self, **inputs):
-        with self._products:
-            return self.model(**inputs)
 
     def _sample(self, rows: list[_Row], active: list[int], logits: torch.Tensor):
         picked = [rows[b] for b in active]

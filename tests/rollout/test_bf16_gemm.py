@@ -1,5 +1,6 @@
 """The engine's bf16 products (inference.bf16_gemm): correctly rounded, batch-invariant,
-a GPU's numerics to the last bit, scoped to the thread that entered the mode."""
+a GPU's numerics to the last bit, scoped to the thread that entered the mode and to the
+modules that compute products, with weights widened once per version."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from megatron_rl.inference.bf16_gemm import Bf16Products
+from megatron_rl.inference.bf16_gemm import Bf16Products, scope
 from megatron_rl.inference.engine import GenerationEngine, GenerationRequest
 
 
@@ -29,7 +30,8 @@ def test_products_are_the_exact_product_rounded_once():
     assert mode.products == 3
     assert linear.dtype == attention.dtype == grouped.dtype == torch.bfloat16
     assert torch.equal(linear, (x.double() @ w.double().T + b.double()).bfloat16())
-    assert torch.equal(attention, (q.double() @ k.double().transpose(2, 3)).bfloat16())
+    # A batch of independent products (attention): fp32, a GPU's accumulation.
+    assert torch.equal(attention, (q.float() @ k.float().transpose(2, 3)).bfloat16())
     expected = torch.cat([a[:4].double() @ experts[0].double(),
                           a[4:].double() @ experts[2].double()]).bfloat16()
     assert torch.equal(grouped, expected)
@@ -81,3 +83,28 @@ def test_the_engine_computes_its_bf16_products_this_way(checkpoints, dtype):
         assert (products > 0) == (dtype == "bf16")
     finally:
         engine.close()
+
+
+def test_scope_covers_the_products_and_follows_weight_updates():
+    model = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.GELU(),
+                                torch.nn.Linear(16, 8)).bfloat16()
+    mode = scope(model)
+    x = bf16(5, 32)
+    with torch.no_grad():
+        out = model(x)
+        assert mode.products == 2
+        hidden = torch.nn.functional.gelu(
+            (x.double() @ model[0].weight.double().T + model[0].bias.double()).bfloat16())
+        expected = (hidden.double() @ model[2].weight.double().T
+                    + model[2].bias.double()).bfloat16()
+        assert torch.equal(out, expected)
+        # A weight loaded in place is widened again, not served from the cache.
+        model[2].weight.copy_(bf16(8, 16, seed=9))
+        again = model(x)
+        assert torch.equal(again, (hidden.double() @ model[2].weight.double().T
+                                   + model[2].bias.double()).bfloat16())
+    # Outside the scoped modules nothing is intercepted.
+    torch.nn.functional.linear(x, model[0].weight)
+    assert mode.products == 4
+    with pytest.raises(ValueError, match="no module that computes products"):
+        scope(torch.nn.GELU())
