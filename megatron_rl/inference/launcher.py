@@ -22,10 +22,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 
 from megatron_rl.rollout.config import RolloutConfig
+
+if TYPE_CHECKING:
+    from megatron_rl.inference.colocated import ColocatedServer
 
 logger = logging.getLogger(__name__)
 
@@ -186,10 +190,24 @@ def start_embedded_servers(
     weight_version: str = "default",
     extra_args: list[str] | tuple[str, ...] = (),
     log_dir: str | os.PathLike | None = None,
-) -> list[ServerHandle]:
+) -> list[ServerHandle] | list[ColocatedServer]:
     """Start ``config.num_servers`` embedded servers for the training loop, serving
     ``model_dir`` as ``weight_version`` (``extra_args`` go to each server's command line;
-    logs in ``log_dir`` are kept, temporary ones are deleted when a handle stops)."""
+    logs in ``log_dir`` are kept, temporary ones are deleted when a handle stops). With
+    ``config.colocate`` the one server is served from this process
+    (``inference.colocated``; its log is this process's)."""
+    if config.colocate:
+        if extra_args:
+            raise ValueError(f"a colocated server has no command line for {list(extra_args)}")
+        # Imported here: the HTTP stack joins this process only when it serves from it.
+        from megatron_rl.inference.colocated import start_colocated_server
+
+        return [start_colocated_server(
+            model_dir, port=config.port, host=config.host, api_key=config.resolved_api_key(),
+            dtype=config.dtype, quantization=config.quantization,
+            max_batch_size=config.max_batch_size, weight_version=weight_version,
+            startup_timeout_s=config.startup_timeout_s,
+        )]  # fmt: skip
     handles: list[ServerHandle] = []
     try:
         for _ in range(config.num_servers):

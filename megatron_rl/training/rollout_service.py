@@ -91,25 +91,13 @@ class RolloutService:
         urls = list(self.config.urls)
         if not urls:
             path = self.weights.export(str(version))
-            if self.rank0 and self.config.colocate:
-                # Imported here: the HTTP stack joins the trainer's process only when it
-                # serves from it.
-                from megatron_rl.inference.colocated import start_colocated_server
-
-                config = self.config
-                self.servers = [start_colocated_server(
-                    path, port=config.port, host=config.host, api_key=config.resolved_api_key(),
-                    dtype=config.dtype, quantization=config.quantization,
-                    max_batch_size=config.max_batch_size, weight_version=str(version),
-                    startup_timeout_s=config.startup_timeout_s,
-                )]  # fmt: skip
-                urls = [s.url for s in self.servers]
-            elif self.rank0:
+            if self.rank0:
                 self.servers = start_embedded_servers(path, self.config,
                                                       weight_version=str(version),
                                                       log_dir=self._server_log_dir())
-                self.supervisor = ServerSupervisor(self.servers, self._restart_server,
-                                                   policy=self.config.on_server_failure)
+                if not self.config.colocate:  # a colocated server lives with this process
+                    self.supervisor = ServerSupervisor(self.servers, self._restart_server,
+                                                       policy=self.config.on_server_failure)
                 urls = [s.url for s in self.servers]
             urls = _broadcast(urls)
         if self.is_leader:
