@@ -1,6 +1,7 @@
-"""The engine's bf16 products (inference.bf16_gemm): correctly rounded, batch-invariant,
-a GPU's numerics to the last bit, scoped to the thread that entered the mode and to the
-modules that compute products, with weights widened once per version."""
+"""The engine's bf16 products (inference.bf16_gemm): a GPU's fp32 accumulation rounded once,
+batch-invariant (checked per shape on this machine, fp64 where fp32 fails the check),
+scoped to the thread that entered the mode and to the modules that compute products, with
+weights widened once per version."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from megatron_rl.inference.bf16_gemm import Bf16Products, scope
+from megatron_rl.inference import bf16_gemm
+from megatron_rl.inference.bf16_gemm import Bf16Products, padded_rows, scope
 from megatron_rl.inference.engine import GenerationEngine, GenerationRequest
 
 
@@ -18,7 +20,20 @@ def bf16(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).bfloat16()
 
 
-def test_products_are_the_exact_product_rounded_once():
+def in_a_batch(x, w, b=None):
+    """``x``'s rows times ``w`` in fp32, computed at the head of a 64-row batch (64 rows is
+    past every padding the mode applies), rounded once to bf16."""
+    batch = torch.cat([x, bf16(64 - x.shape[0], x.shape[1], seed=99)]).float()
+    out = F.linear(batch, w.float(), None if b is None else b.float())
+    return out[: x.shape[0]].bfloat16()
+
+
+def exact(x, w, b=None):
+    """The correctly rounded bf16 product (fp64 sums of exact products)."""
+    return F.linear(x.double(), w.double(), None if b is None else b.double()).bfloat16()
+
+
+def test_products_accumulate_in_fp32_and_round_once():
     x, w, b = bf16(7, 96), bf16(40, 96, seed=1), bf16(40, seed=2)
     q, k = bf16(2, 4, 5, 16, seed=3), bf16(2, 4, 9, 16, seed=4)
     a, experts = bf16(10, 96, seed=5), bf16(3, 96, 24, seed=6)
@@ -27,21 +42,60 @@ def test_products_are_the_exact_product_rounded_once():
     with mode:
         linear, attention = F.linear(x, w, b), torch.matmul(q, k.transpose(2, 3))
         grouped = torch._grouped_mm(a, experts, offs=offs)
-    assert mode.products == 3
-    assert linear.dtype == attention.dtype == grouped.dtype == torch.bfloat16
-    assert torch.equal(linear, (x.double() @ w.double().T + b.double()).bfloat16())
-    # A batch of independent products (attention): fp32, a GPU's accumulation.
+        stacked = torch._grouped_mm(bf16(3, 5, 96, seed=7), experts)
+    assert mode.products == 4 and mode.fp64_shapes == []  # every shape passed its check here
+    assert {t.dtype for t in (linear, attention, grouped, stacked)} == {torch.bfloat16}
+    assert torch.equal(linear, in_a_batch(x, w, b))
+    # A batch of independent products (attention, 3D x 3D grouped): fp32 as called.
     assert torch.equal(attention, (q.float() @ k.float().transpose(2, 3)).bfloat16())
-    expected = torch.cat([a[:4].double() @ experts[0].double(),
-                          a[4:].double() @ experts[2].double()]).bfloat16()
+    assert torch.equal(stacked, torch.bmm(bf16(3, 5, 96, seed=7).float(), experts.float()).bfloat16())
+    expected = torch.cat([in_a_batch(a[:4], experts[0].T), in_a_batch(a[4:], experts[2].T)])
     assert torch.equal(grouped, expected)
+
+
+def test_a_shape_whose_fp32_rows_fail_the_check_is_computed_in_fp64(monkeypatch, caplog):
+    checked = []
+    monkeypatch.setattr(bf16_gemm, "row_invariant", lambda *a: checked.append(a) or False)
+    x, w = bf16(33, 256), bf16(200, 256, seed=1)
+    a, experts = bf16(10, 96, seed=5), bf16(3, 96, 24, seed=6)
+    offs = torch.tensor([4, 4, 10], dtype=torch.int32)
+    mode = Bf16Products()
+    with caplog.at_level("WARNING", logger=bf16_gemm.__name__), mode:
+        full = F.linear(x, w)
+        alone = F.linear(x[:1], w)
+        grouped = torch._grouped_mm(a, experts, offs=offs)
+    assert len(checked) == 2  # once per shape, not per call
+    assert [key[1] for key in mode.fp64_shapes] == [(200, 256), (96, 24)]
+    assert "200x256" in caplog.text and "computed in fp64" in caplog.text
+    assert torch.equal(full, exact(x, w)) and torch.equal(alone, full[:1])
+    assert torch.equal(grouped, torch.cat([exact(a[:4], experts[0].T), exact(a[4:], experts[2].T)]))
+
+
+def test_the_check_runs_the_products_rows_alone_and_in_batches():
+    w = bf16(64, 128, seed=1).float()
+    assert bf16_gemm.row_invariant(w, None, linear=True)  # this machine's kernels, padded
+    assert [padded_rows(m) for m in (1, 11, 12, 13, 16, 130)] == [12, 12, 12, 16, 16, 132]
+
+    calls = []
+
+    def varies(rows, right, bias, linear):  # sums in another order for every batch size
+        calls.append(rows.shape[0])
+        return F.linear(rows, right) + rows.shape[0] * 1e-3
+
+    original = bf16_gemm._row_product
+    try:
+        bf16_gemm._row_product = varies
+        assert not bf16_gemm.row_invariant(w, None, linear=True)
+    finally:
+        bf16_gemm._row_product = original
+    assert calls[0] == bf16_gemm.CHECK_ROWS and 1 in calls
 
 
 def test_a_row_gets_the_same_bits_alone_or_in_any_batch():
     x, w = bf16(33, 256), bf16(200, 256, seed=1)
     with Bf16Products():
         full = F.linear(x, w)
-        for rows in (1, 2, 5, 17):
+        for rows in (1, 2, 3, 5, 6, 7, 9, 10, 11, 13, 17):
             assert torch.equal(F.linear(x[:rows], w), full[:rows])
         assert torch.equal(F.linear(x[-1:], w), full[-1:])
 
@@ -93,16 +147,12 @@ def test_scope_covers_the_products_and_follows_weight_updates():
     with torch.no_grad():
         out = model(x)
         assert mode.products == 2
-        hidden = torch.nn.functional.gelu(
-            (x.double() @ model[0].weight.double().T + model[0].bias.double()).bfloat16())
-        expected = (hidden.double() @ model[2].weight.double().T
-                    + model[2].bias.double()).bfloat16()
-        assert torch.equal(out, expected)
+        hidden = F.gelu(in_a_batch(x, model[0].weight, model[0].bias))
+        assert torch.equal(out, in_a_batch(hidden, model[2].weight, model[2].bias))
         # A weight loaded in place is widened again, not served from the cache.
         model[2].weight.copy_(bf16(8, 16, seed=9))
         again = model(x)
-        assert torch.equal(again, (hidden.double() @ model[2].weight.double().T
-                                   + model[2].bias.double()).bfloat16())
+        assert torch.equal(again, in_a_batch(hidden, model[2].weight, model[2].bias))
     # Outside the scoped modules nothing is intercepted.
     torch.nn.functional.linear(x, model[0].weight)
     assert mode.products == 4
