@@ -42,6 +42,7 @@ from megatron_rl.model.config import ModelConfig
 from megatron_rl.model.grouped_experts import GroupedExpertsSpecProvider, supports_grouped_experts
 from megatron_rl.model.norm import RMSNorm
 from megatron_rl.model.rope_positions import use_position_ids
+from megatron_rl.model.sdpa_attention import FusedCoreAttention, computes
 from megatron_rl.replay.binding import forget_global_instances
 from megatron_rl.replay.config import check_model_supports_replay
 
@@ -137,10 +138,13 @@ def transformer_config(
     )
 
 
-def _local_layer_spec(num_experts: int | None, grouped_experts: bool = False) -> ModuleSpec:
-    """megatron-core's local modules with a sequence-parallel-capable RMSNorm, and the
+def _local_layer_spec(num_experts: int | None, grouped_experts: bool = False,
+                      fused_attention: bool = False) -> ModuleSpec:
+    """megatron-core's local modules with a sequence-parallel-capable RMSNorm, the
     routed experts as :class:`~megatron_rl.model.grouped_experts.GroupedExperts` where
-    ``grouped_experts`` (same parameters as SequentialMLP's)."""
+    ``grouped_experts`` (same parameters as SequentialMLP's), and the core attention as
+    :class:`~megatron_rl.model.sdpa_attention.FusedCoreAttention` where ``fused_attention``
+    (no parameters)."""
     backend = GroupedExpertsSpecProvider() if grouped_experts else LocalSpecProvider()
     keys_map = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_"}
     if num_experts is None:
@@ -156,7 +160,7 @@ def _local_layer_spec(num_experts: int | None, grouped_experts: bool = False) ->
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=ColumnParallelLinear,
-                    core_attention=DotProductAttention,
+                    core_attention=FusedCoreAttention if fused_attention else DotProductAttention,
                     linear_proj=RowParallelLinear,
                     q_layernorm=RMSNorm,
                     k_layernorm=RMSNorm,
@@ -177,8 +181,9 @@ def layer_spec(config: TransformerConfig, use_te: bool, vp_stage: int | None = N
         return get_gpt_decoder_block_spec(
             config, use_transformer_engine=True, normalization="RMSNorm", vp_stage=vp_stage
         )
-    moe = _local_layer_spec(config.num_moe_experts, supports_grouped_experts(config))
-    dense = _local_layer_spec(None)
+    fused = computes(config)
+    moe = _local_layer_spec(config.num_moe_experts, supports_grouped_experts(config), fused)
+    dense = _local_layer_spec(None, fused_attention=fused)
     specs = [moe if is_moe else dense for is_moe in config.moe_layer_freq]
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
     count = get_num_layers_to_build(config, vp_stage=vp_stage)
