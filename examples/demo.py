@@ -91,6 +91,26 @@ def summarize(save: Path) -> str:
     return "\n".join(line for line in lines if line)
 
 
+def _latest_iteration(run: Path) -> int | None:
+    tracker = run / "latest_checkpointed_iteration.txt"
+    return int(tracker.read_text().strip()) if tracker.is_file() else None
+
+
+def stale_rl_run(save: Path) -> str | None:
+    """Why resuming would mix two runs, or None. The RL stage resumes from its own
+    checkpoint (its --load is only read on a fresh start), so an RL run kept from an
+    earlier demo while the cold start trains again would report the earlier run's figures
+    under the new cold start's."""
+    coldstart_done = _latest_iteration(save / "coldstart") == int(SFT[SFT.index("--train-iters") + 1])
+    rl_step = _latest_iteration(save / "rl")
+    if coldstart_done or rl_step is None:
+        return None
+    return (f"{save / 'rl'} holds an RL run (checkpoint of step {rl_step}) from an earlier cold "
+            f"start, while the cold start in {save / 'coldstart'} is not complete and would "
+            "train again: the demo's figures would mix two runs. Remove the RL folder, or give "
+            "another --save, and run again.")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--save", default="runs/demo")
@@ -98,6 +118,10 @@ def main() -> int:
     args = parser.parse_args()
     save = (ROOT / args.save).resolve()
     ep = ["--expert-model-parallel-size", str(args.nproc)]
+    stale = stale_rl_run(save)
+    if stale:
+        print(stale, file=sys.stderr)
+        return 2
     started = time.time()
     torchrun(args.nproc, SFT + COMMON + ep + ["--save", str(save / "coldstart")])
     torchrun(args.nproc, RL + COMMON + ep + ["--load", str(save / "coldstart"),
