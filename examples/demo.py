@@ -92,8 +92,11 @@ def summarize(save: Path) -> str:
 
 
 def _latest_iteration(run: Path) -> int | None:
+    """The run's latest checkpointed iteration; None without one (or for a tracker that
+    names no iteration, e.g. megatron's ``release``)."""
     tracker = run / "latest_checkpointed_iteration.txt"
-    return int(tracker.read_text().strip()) if tracker.is_file() else None
+    text = tracker.read_text().strip() if tracker.is_file() else ""
+    return int(text) if text.isdigit() else None
 
 
 def stale_rl_run(save: Path) -> str | None:
@@ -101,7 +104,7 @@ def stale_rl_run(save: Path) -> str | None:
     checkpoint (its --load is only read on a fresh start), so an RL run kept from an
     earlier demo while the cold start trains again would report the earlier run's figures
     under the new cold start's."""
-    coldstart_done = _latest_iteration(save / "coldstart") == int(SFT[SFT.index("--train-iters") + 1])
+    coldstart_done = (_latest_iteration(save / "coldstart") or 0) >= int(SFT[SFT.index("--train-iters") + 1])
     rl_step = _latest_iteration(save / "rl")
     if coldstart_done or rl_step is None:
         return None

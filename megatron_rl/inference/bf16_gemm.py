@@ -15,16 +15,20 @@ kernel, and so its summation order, by the number of rows: on the machines measu
 product of 1-3 rows (and, with two threads, of 5-7 or 9-11) sums in another order than
 the same rows inside a larger one. Products of rows times a fixed matrix (linear layers,
 the router, each expert) are therefore computed on at least ``MIN_ROWS`` rows, a multiple
-of ``ROW_BLOCK`` (zero rows added and dropped). That rule is a measurement, not a
-guarantee, so it is checked on this machine before it is trusted: the first time a product
-of a new shape (and layout, bias, thread count) is met, a row of the real weights is
-compared, bit for bit, alone and at many offsets of batches of 1 to 2,048 rows
-(:func:`row_invariant`); a shape that fails is computed in fp64 instead (exact products,
-sums exact to about 2^-50 relative, so the rounded result is the correctly rounded bf16
-product whatever order a kernel sums in), and a warning names it. Batches of independent
-products (attention's ``q @ k^T`` and ``p @ v``: every operand has batch dimensions, so a
-product's shape does not depend on how many rows the batch holds) accumulate in fp32 as
-called. Nothing else changes: weights, activations, norms, softmax inputs, residual adds
+of ``ROW_BLOCK`` (zero rows added and dropped), and in chunks of at most the checked
+batch (:func:`check_rows`). That rule is a measurement, not a guarantee, so it is checked
+on this machine before it is trusted: the first time a product of a new shape (and
+layout, bias, thread count) is met, random bf16 rows times the real weights are compared,
+bit for bit, alone and at many offsets of batches of a sample of sizes from 1 to
+:func:`check_rows` (every size up to 44, then 63 ... 2,047: :func:`row_invariant`); a
+shape that fails is computed in fp64 instead (exact products, sums exact to about 2^-50
+relative, rounded to bf16 through fp32 with round-to-odd, so the result is the correctly
+rounded bf16 product whatever order a kernel sums in), and a warning names it. Batches of
+independent products (attention's ``q @ k^T`` and ``p @ v``, every operand with batch
+dimensions) accumulate in fp32 as called, unchecked: their contraction is over the head
+dimension or the keys, and the kernels here sum a row's keys in order, so the zero
+weights of left padding change nothing (the engine's alone-versus-batched tests hold it).
+Nothing else changes: weights, activations, norms, softmax inputs, residual adds
 stay bf16, so the engine is still a bf16 engine against the fp32 trainer. The mode
 intercepts only products whose floating-point operands are all bf16; anything else (fp32,
 mixed, an ``out=`` or ``out_dtype`` argument, a grouped layout other than the two below)
@@ -66,7 +70,28 @@ MIN_ROWS = 12
 ROW_BLOCK = 4
 """Row counts of those products are rounded up to a multiple of this."""
 CHECK_ROWS = 2048
-"""The largest batch :func:`row_invariant` compares against."""
+"""The largest batch :func:`row_invariant` compares against (fewer for wide outputs)."""
+CHECK_ELEMENTS = 2**24
+"""Bound on the check's reference product (rows x outputs, 64 MB in fp32), so that a wide
+matrix (an ``lm_head`` over a large vocabulary) is checked on fewer rows."""
+
+
+def check_rows(outputs: int) -> int:
+    """The largest batch checked, and the largest chunk computed, for ``outputs`` columns."""
+    return max(64, min(CHECK_ROWS, CHECK_ELEMENTS // max(outputs, 1)))
+
+
+def to_bf16(wide: torch.Tensor) -> torch.Tensor:
+    """Round fp32 or fp64 to bf16 once. torch rounds fp64 to bf16 through fp32, twice
+    (``1 + 2^-8 + 2^-30`` -> ``1.0`` instead of ``1.0078125``); rounding to fp32 to odd
+    (the last bit set where that rounding was inexact) first makes the second rounding
+    exact, as fp32 keeps 16 more bits than bf16."""
+    if wide.dtype != torch.float64:
+        return wide.to(torch.bfloat16)
+    narrow = wide.float()
+    inexact = (narrow.double() != wide) & torch.isfinite(narrow)
+    odd = narrow.view(torch.int32) | inexact.to(torch.int32)
+    return odd.view(torch.float32).to(torch.bfloat16)
 
 
 def padded_rows(rows: int) -> int:
@@ -119,13 +144,25 @@ class _WideWeights:
         # wide image: both are contiguous and of one shape.
         return hit[2].as_strided(value.size(), value.stride(), value.storage_offset())
 
+    def forget(self, value: torch.Tensor, dtype: torch.dtype) -> None:
+        """Drop the ``dtype`` image of ``value``'s parameter (one that will not be used)."""
+        base = value if isinstance(value, nn.Parameter) else value._base
+        self._cache.pop((id(base), dtype), None)
+
 
 def _row_product(rows: torch.Tensor, right: torch.Tensor, bias: torch.Tensor | None,
                  linear: bool) -> torch.Tensor:
-    """``rows [M, K]`` times ``right`` (``F.linear``'s ``[N, K]`` weight, or a ``[K, N]``
-    matrix), in ``rows``' dtype; fp32 on :func:`padded_rows` rows."""
+    """``rows [M, K]`` (row-major) times ``right`` (``F.linear``'s ``[N, K]`` weight, or a
+    ``[K, N]`` matrix), in ``rows``' dtype; fp32 on :func:`padded_rows` rows, in chunks of
+    at most :func:`check_rows`."""
     m = rows.shape[0]
-    padded = padded_rows(m) if rows.dtype == torch.float32 else m
+    if rows.dtype != torch.float32:
+        return F.linear(rows, right, bias) if linear else torch.mm(rows, right)
+    chunk = check_rows(right.shape[0] if linear else right.shape[1])
+    if m > chunk:
+        return torch.cat([_row_product(rows[i:i + chunk], right, bias, linear)
+                          for i in range(0, m, chunk)])
+    padded = padded_rows(m)
     if padded > m:
         rows = torch.cat([rows, rows.new_zeros(padded - m, rows.shape[1])])
     out = F.linear(rows, right, bias) if linear else torch.mm(rows, right)
@@ -134,12 +171,14 @@ def _row_product(rows: torch.Tensor, right: torch.Tensor, bias: torch.Tensor | N
 
 def row_invariant(right: torch.Tensor, bias: torch.Tensor | None, linear: bool) -> bool:
     """Whether fp32 rows times ``right`` (fp32) give every row the same bits alone and at
-    any offset of a batch of 1 to :data:`CHECK_ROWS` rows, on this machine and thread count."""
-    k = right.shape[-1] if linear else right.shape[0]
-    rows = torch.randn(CHECK_ROWS, k, generator=torch.Generator().manual_seed(0)).bfloat16().float()
+    an offset of a batch, for a sample of batch sizes up to :func:`check_rows`, on this
+    machine and thread count."""
+    k, n = (right.shape[-1], right.shape[0]) if linear else right.shape
+    most = check_rows(n)
+    rows = torch.randn(most, k, generator=torch.Generator().manual_seed(0)).bfloat16().float()
     full = _row_product(rows, right, bias, linear)
-    counts = [*range(1, MIN_ROWS + 8 * ROW_BLOCK + 1), 63, 64, 100, 128, 255, 256, 511, 640,
-              1000, 1024, 1500, CHECK_ROWS - 1]
+    counts = [m for m in (*range(1, MIN_ROWS + 8 * ROW_BLOCK + 1), 63, 64, 100, 128, 255, 256,
+                          511, 640, 1000, 1024, 1500, most - 1) if m < most]
     for m in counts:
         start = (7 * m) % (CHECK_ROWS - m + 1)
         if not torch.equal(_row_product(rows[start:start + m], right, bias, linear),
@@ -177,7 +216,7 @@ class Bf16Products(TorchFunctionMode):
                                 **{k: self._wide(v, torch.float64) for k, v in kwargs.items()})
             if wide is not None:
                 self.products += 1
-                return wide.to(torch.bfloat16)
+                return to_bf16(wide)
         return func(*args, **kwargs)
 
     def _dtype_for(self, right: torch.Tensor, bias: torch.Tensor | None, linear: bool) -> torch.dtype:
@@ -188,6 +227,7 @@ class Bf16Products(TorchFunctionMode):
             if not row_invariant(self._wide(right, dtype), self._wide(bias, dtype), linear):
                 dtype = torch.float64
                 self.fp64_shapes.append(key)
+                self._wide.forget(right, torch.float32)
                 logger.warning(
                     "bf16 products of rows times a %s matrix (%s, bias %s, %d threads) do not "
                     "give a row the same bits alone and in a batch with this machine's fp32 "
@@ -197,9 +237,10 @@ class Bf16Products(TorchFunctionMode):
         return dtype
 
     def _rows_times(self, rows: torch.Tensor, right: torch.Tensor, bias: torch.Tensor | None,
-                    linear: bool, dtype: torch.dtype | None = None) -> torch.Tensor:
-        dtype = dtype or self._dtype_for(right, bias, linear)
-        flat = rows.reshape(-1, rows.shape[-1]).to(dtype)
+                    linear: bool) -> torch.Tensor:
+        dtype = self._dtype_for(right, bias, linear)
+        # Row-major, as the check computed them (a transposed input keeps its strides).
+        flat = rows.reshape(-1, rows.shape[-1]).to(dtype).contiguous()
         out = _row_product(flat, self._wide(right, dtype), self._wide(bias, dtype), linear)
         return out.reshape(*rows.shape[:-1], out.shape[-1])
 
@@ -209,12 +250,15 @@ class Bf16Products(TorchFunctionMode):
         if func is F.linear:
             named = dict(zip(("input", "weight", "bias"), args, strict=False), **kwargs)
             rows, right, bias = named.get("input"), named.get("weight"), named.get("bias")
-            if isinstance(rows, torch.Tensor) and isinstance(right, torch.Tensor) and right.dim() == 2:
+            if (isinstance(rows, torch.Tensor) and isinstance(right, torch.Tensor)
+                    and right.dim() == 2 and (bias is None or bias.dim() <= 1)):
                 return self._rows_times(rows, right, bias, linear=True)
         elif len(args) == 2 and not kwargs:
             rows, right = args
+            # torch.mm takes 2-D rows only; matmul any rows against a 2-D matrix.
+            lowest = 2 if func in (torch.mm, torch.Tensor.mm) else 1
             if (isinstance(rows, torch.Tensor) and isinstance(right, torch.Tensor)
-                    and right.dim() == 2 and rows.dim() >= 1):
+                    and right.dim() == 2 and rows.dim() >= lowest):
                 return self._rows_times(rows, right, None, linear=False)
         return None
 
@@ -222,7 +266,7 @@ class Bf16Products(TorchFunctionMode):
                  bias: torch.Tensor | None = None, out_dtype=None) -> torch.Tensor | None:
         """``torch._grouped_mm`` for the layouts with one matrix per group of rows (``a [T, K]``,
         ``b [G, K, N]``, ``offs`` the groups' ends: each group as rows times its matrix; rows
-        beyond the last group get zeros, as torch gives them) or per batch entry (3D x 3D,
+        beyond the last group get zeros, where torch leaves them unset) or per batch entry (3D x 3D,
         no ``offs``: a batch, fp32); None for the others."""
         if bias is not None:
             return None
@@ -232,7 +276,7 @@ class Bf16Products(TorchFunctionMode):
             return None
         # Every group's matrix has one shape and layout, so one check covers them all.
         dtype = self._dtype_for(b[0], None, linear=False)
-        rows, matrices = a.to(dtype), self._wide(b, dtype)
+        rows, matrices = a.to(dtype).contiguous(), self._wide(b, dtype)
         out = rows.new_zeros(a.shape[0], b.shape[-1])
         start = 0
         for group, end in enumerate(offs.tolist()):
@@ -272,4 +316,4 @@ def scope(model: nn.Module, mode: Bf16Products | None = None) -> Bf16Products:
     return mode
 
 
-__all__ = ["CHECK_ROWS", "MIN_ROWS", "PRODUCTS", "ROW_BLOCK", "Bf16Products", "padded_rows", "row_invariant", "scope"]
+__all__ = ["CHECK_ELEMENTS", "CHECK_ROWS", "MIN_ROWS", "PRODUCTS", "ROW_BLOCK", "Bf16Products", "check_rows", "padded_rows", "row_invariant", "scope", "to_bf16"]

@@ -12,11 +12,14 @@ per query kept for the backward), so neither the scores nor the probabilities ar
 
 The math is the parent's: scale ``softmax_scale``, grouped-query heads repeated as the
 parent repeats them, a masked score excluded (megatron writes -10000 in its place, whose
-exponential is 0 in fp32 next to any real score; every row the trainer builds allows at
-least one key -- padding attends to itself -- so no row is all masked). Results agree with
-the parent's to fp32 rounding (tested). :func:`computes` says for which configurations:
-no attention dropout, vanilla softmax (no softmax offset), no sliding window, no query-key
-layer scaling; for any other the layer spec keeps ``DotProductAttention``.
+exponential is 0 in fp32 next to any real score). Without a mask, a causal mask over
+``sq == sk`` positions, and none for a single query (a decode step), as the parent's
+softmax does. One difference: a query whose every key is masked gets zeros here and a
+uniform average in the parent; every row the trainer builds lets each position attend at
+least to itself, so it never meets one. Results agree with the parent's to fp32 rounding
+(tested). :func:`computes` says for which configurations: no attention dropout, vanilla
+softmax (no softmax offset), no sliding window, no query-key layer scaling, no context
+parallelism; for any other the layer spec keeps ``DotProductAttention``.
 """
 
 from __future__ import annotations
@@ -43,11 +46,16 @@ class FusedCoreAttention(DotProductAttention):
         if not computes(config):
             raise ValueError(
                 "FusedCoreAttention computes attention without dropout, softmax offset, "
-                "sliding window or query-key layer scaling; this config asks for one of them "
-                f"(attention_dropout={config.attention_dropout}, window_size={config.window_size}, "
+                "sliding window, query-key layer scaling or context parallelism; this config "
+                f"asks for one of them (attention_dropout={config.attention_dropout}, "
+                f"window_size={config.window_size}, "
                 f"softmax_type={getattr(config, 'softmax_type', 'vanilla')}, "
-                f"apply_query_key_layer_scaling={config.apply_query_key_layer_scaling})")
+                f"apply_query_key_layer_scaling={config.apply_query_key_layer_scaling}, "
+                f"context_parallel_size={config.context_parallel_size})")
         super().__init__(config, *args, **kwargs)
+        if self.attention_dropout.p != 0.0:  # the constructor's own argument wins over config
+            raise ValueError(f"FusedCoreAttention computes no attention dropout, asked for "
+                             f"p={self.attention_dropout.p}")
 
     def forward(
         self,
@@ -71,7 +79,12 @@ class FusedCoreAttention(DotProductAttention):
             value = value.repeat_interleave(repeat, dim=2)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, np, s, hn]
         if attention_mask is None:
-            causal = (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal
+            # The parent's softmax: a causal mask over sq == sk, none for one query.
+            sq, sk = query.shape[0], key.shape[0]
+            causal = (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal and sq > 1
+            if causal and sq != sk:
+                raise ValueError(f"causal attention without a mask needs as many queries as "
+                                 f"keys, got {sq} queries and {sk} keys")
             context = F.scaled_dot_product_attention(q, k, v, is_causal=causal,
                                                      scale=self.softmax_scale)
         else:

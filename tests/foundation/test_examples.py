@@ -293,29 +293,34 @@ def test_demo_driver_uses_existing_flags():
     assert not flags - known, sorted(flags - known)
 
 
-def test_demo_refuses_to_resume_an_rl_run_over_a_new_cold_start(tmp_path):
+def test_demo_refuses_to_resume_an_rl_run_over_a_new_cold_start(tmp_path, monkeypatch, capsys):
     """The RL stage resumes from its own checkpoint; kept while the cold start trains again,
     its figures would be reported under the new cold start's."""
+    spec = importlib.util.spec_from_file_location("demo_driver", EXAMPLES / "demo.py")
+    driver = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(driver)
+    launched = []
+    monkeypatch.setattr(driver, "torchrun", lambda *a, **k: launched.append(a))
+
     def checkpoint(run: Path, step: int) -> None:
         run.mkdir(parents=True, exist_ok=True)
         (run / "latest_checkpointed_iteration.txt").write_text(f"{step}\n")
 
-    def demo(save: Path) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, str(EXAMPLES / "demo.py"), "--save", str(save)],
-                              capture_output=True, text=True, timeout=60)
+    def demo(save: Path) -> int:
+        monkeypatch.setattr(sys, "argv", ["demo.py", "--save", str(save)])
+        return driver.main()
 
     stale = tmp_path / "stale"
     checkpoint(stale / "rl", 40)
     checkpoint(stale / "coldstart", 200)  # interrupted: it would train on from here
-    proc = demo(stale)
-    assert proc.returncode == 2
-    assert f"{stale / 'rl'} holds an RL run (checkpoint of step 40)" in proc.stderr
-    assert "Remove the RL folder" in proc.stderr
-    assert not (stale / "coldstart" / "sft_metrics.jsonl").exists()  # nothing ran
-    # Complete cold start: the RL run is its own continuation, resumed as before.
-    spec = importlib.util.spec_from_file_location("demo_driver", EXAMPLES / "demo.py")
-    driver = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(driver)
+    assert demo(stale) == 2
+    err = capsys.readouterr().err
+    assert f"{stale / 'rl'} holds an RL run (checkpoint of step 40)" in err
+    assert "Remove the RL folder" in err
+    assert launched == []  # nothing ran
+    (stale / "coldstart" / "latest_checkpointed_iteration.txt").write_text("release\n")
+    assert driver.stale_rl_run(stale) is not None
+    # A complete cold start: the RL run is its own continuation, resumed as before.
     checkpoint(stale / "coldstart", 800)
     assert driver.stale_rl_run(stale) is None
     assert driver.stale_rl_run(tmp_path / "fresh") is None

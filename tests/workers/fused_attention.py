@@ -62,7 +62,8 @@ def main():
                             share_prompts=True)
     shared = (batch.tokens, batch.position_ids, batch.attention_mask)
     result["shared_rows_padded"] = bool((batch.sample_ids < 0).any())
-    for name, inputs in {"causal": causal, "shared": shared}.items():
+    unmasked = (tokens, causal[1], None)  # megatron's causal type builds the mask itself
+    for name, inputs in {"causal": causal, "shared": shared, "no_mask": unmasked}.items():
         outputs, grads = [], []
         for m in (unfused, fused):
             m.zero_grad(set_to_none=True)
@@ -70,7 +71,7 @@ def main():
             logits.float().pow(2).mean().backward()
             outputs.append(logits.detach())
             grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
-        real = inputs[0] != -1 if name == "causal" else batch.sample_ids >= 0
+        real = batch.sample_ids >= 0 if name == "shared" else inputs[0] != -1
         result[name] = {
             "finite": bool(torch.isfinite(outputs[1]).all()),
             "output_rel": _rel(outputs[1][real], outputs[0][real]),
