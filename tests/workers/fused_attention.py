@@ -17,32 +17,18 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
     args = p.parse_args()
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    from model_variants import build_tiny_pair, same_parameters
 
     from megatron_rl.data.packing import Sample, make_microbatch
     from megatron_rl.distributed import ParallelConfig, init_distributed
-    from megatron_rl.model import provider
     from megatron_rl.model.config import PRESETS
 
     model = PRESETS["tiny"]
     init_distributed(ParallelConfig(), model.num_layers, seed=1)
-
-    def build(fused: bool):
-        chosen = provider.computes
-        provider.computes = lambda config: fused and chosen(config)
-        try:
-            torch.manual_seed(0)
-            model_parallel_cuda_manual_seed(0)
-            return provider.build_model(model, ParallelConfig())[0]
-        finally:
-            provider.computes = chosen
-
-    unfused, fused = build(False), build(True)
+    unfused, fused = build_tiny_pair("computes")
     result = {"classes": [type(m.decoder.layers[0].self_attention.core_attention).__name__
-                          for m in (unfused, fused)]}
-    a, b = unfused.state_dict(), fused.state_dict()
-    result["same_keys"] = sorted(a) == sorted(b)
-    result["same_params"] = all(torch.equal(a[k], b[k]) for k in a if isinstance(a[k], torch.Tensor))
+                          for m in (unfused, fused)],
+              **same_parameters(unfused, fused)}
 
     gen = torch.Generator().manual_seed(5)
     tokens = torch.randint(4, 100, (3, 48), generator=gen)

@@ -12,31 +12,17 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
     args = p.parse_args()
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    from model_variants import build_tiny_pair, same_parameters
 
     from megatron_rl.distributed import ParallelConfig, init_distributed
-    from megatron_rl.model import provider
     from megatron_rl.model.config import PRESETS
 
     model = PRESETS["tiny"]
     init_distributed(ParallelConfig(), model.num_layers, seed=1)
-
-    def build(grouped: bool):
-        chosen = provider.supports_grouped_experts
-        provider.supports_grouped_experts = lambda config: grouped and chosen(config)
-        try:
-            torch.manual_seed(0)
-            model_parallel_cuda_manual_seed(0)
-            return provider.build_model(model, ParallelConfig())[0]
-        finally:
-            provider.supports_grouped_experts = chosen
-
-    sequential, grouped = build(False), build(True)
+    sequential, grouped = build_tiny_pair("supports_grouped_experts")
     result = {"classes": [type(m.decoder.layers[1].mlp.experts).__name__
-                          for m in (sequential, grouped)]}
-    a, b = sequential.state_dict(), grouped.state_dict()
-    result["same_keys"] = sorted(a) == sorted(b)
-    result["same_params"] = all(torch.equal(a[k], b[k]) for k in a if isinstance(a[k], torch.Tensor))
+                          for m in (sequential, grouped)],
+              **same_parameters(sequential, grouped)}
     gen = torch.Generator().manual_seed(5)
     # A batch of 160 tokens, and one of 3 tokens (12 expert slots for 16 experts: some
     # experts get no token).
