@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -57,9 +57,11 @@ class ServerHandle:
         args: list[str],
         *,
         owns_log: bool = False,
+        api_key: str | None = None,
     ):
         self.process, self.url, self.log_path, self.args = process, url, log_path, args
         self.owns_log = owns_log
+        self._api_key = api_key
         """The log is a temporary file of the launcher's: :meth:`stop` deletes it."""
 
     @property
@@ -74,6 +76,21 @@ class ServerHandle:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Return once ``/health`` answers; if the server exits or stays silent past
+        ``timeout_s``, kill it and raise with its log's tail."""
+        try:
+            wait_healthy(self.url, api_key=self._api_key, timeout_s=timeout_s,
+                         process=self.process)
+        except (RuntimeError, TimeoutError) as exc:
+            self.kill()
+            tail = self.log_tail()
+            if self.owns_log:
+                self.log_path.unlink(missing_ok=True)
+            raise RuntimeError(f"{exc}; server log {self.log_path}:\n{tail}") from None
+        logger.info("rollout server %s ready (pid %d, log %s)", self.url, self.pid,
+                    self.log_path)
 
     def stop(self, timeout_s: float = 15.0) -> None:
         """SIGTERM (the server ends its batch and exits within seconds), SIGKILL if it
@@ -124,6 +141,21 @@ def wait_healthy(url: str, *, api_key: str | None, timeout_s: float, process=Non
 def start_server_process(
     model_dir: str | os.PathLike,
     *,
+    startup_timeout_s: float = 180.0,
+    **options: Any,
+) -> ServerHandle:
+    """Start ``python -m megatron_rl.inference.server`` and wait until it is healthy.
+
+    ``options`` are :func:`spawn_server_process`'s; the server's log tail is in the error
+    if the start fails."""
+    handle = spawn_server_process(model_dir, **options)
+    handle.wait_ready(startup_timeout_s)
+    return handle
+
+
+def spawn_server_process(
+    model_dir: str | os.PathLike,
+    *,
     port: int = 0,
     host: str = "127.0.0.1",
     api_key: str | None = None,
@@ -133,15 +165,14 @@ def start_server_process(
     threads: int = 1,
     weight_version: str = "default",
     extra_args: list[str] | tuple[str, ...] = (),
-    startup_timeout_s: float = 180.0,
     log_path: str | os.PathLike | None = None,
     log_dir: str | os.PathLike | None = None,
 ) -> ServerHandle:
-    """Start ``python -m megatron_rl.inference.server`` and wait until it is healthy.
+    """Start ``python -m megatron_rl.inference.server`` and return at once; the handle's
+    :meth:`~ServerHandle.wait_ready` waits for it (several servers start side by side).
 
     ``port=0`` picks a free port. The server's output goes to ``log_path``, else to a new
-    file in ``log_dir`` (both kept), else to a temporary file deleted by ``stop()``; its
-    tail is in the error if the start fails."""
+    file in ``log_dir`` (both kept), else to a temporary file deleted by ``stop()``."""
     port = port or free_port(host)
     url = f"http://{host}:{port}"
     dtype = {"bf16": "bfloat16", "fp32": "float32"}.get(dtype, dtype)
@@ -170,17 +201,7 @@ def start_server_process(
         env[API_KEY_ENV] = api_key
     with open(log_path, "ab") as log:
         process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
-    handle = ServerHandle(process, url, log_path, args, owns_log=owns_log)
-    try:
-        wait_healthy(url, api_key=api_key, timeout_s=startup_timeout_s, process=process)
-    except (RuntimeError, TimeoutError) as exc:
-        handle.kill()
-        tail = handle.log_tail()
-        if owns_log:
-            log_path.unlink(missing_ok=True)
-        raise RuntimeError(f"{exc}; server log {log_path}:\n{tail}") from None
-    logger.info("rollout server %s ready (pid %d, log %s)", url, process.pid, log_path)
-    return handle
+    return ServerHandle(process, url, log_path, args, owns_log=owns_log, api_key=api_key)
 
 
 def start_embedded_servers(
@@ -208,26 +229,20 @@ def start_embedded_servers(
             max_batch_size=config.max_batch_size, weight_version=weight_version,
             startup_timeout_s=config.startup_timeout_s,
         )]  # fmt: skip
+    # All processes first, then the waits: the servers load side by side.
     handles: list[ServerHandle] = []
     try:
         for _ in range(config.num_servers):
-            handles.append(
-                start_server_process(
-                    model_dir,
-                    port=config.port,
-                    host=config.host,
-                    api_key=config.resolved_api_key(),
-                    dtype=config.dtype,
-                    quantization=config.quantization,
-                    max_batch_size=config.max_batch_size,
-                    threads=config.threads,
-                    weight_version=weight_version,
-                    extra_args=extra_args,
-                    startup_timeout_s=config.startup_timeout_s,
-                    log_dir=log_dir,
-                )
-            )
-    except Exception:
+            handles.append(spawn_server_process(
+                model_dir, port=config.port, host=config.host,
+                api_key=config.resolved_api_key(), dtype=config.dtype,
+                quantization=config.quantization, max_batch_size=config.max_batch_size,
+                threads=config.threads, weight_version=weight_version,
+                extra_args=extra_args, log_dir=log_dir,
+            ))  # fmt: skip
+        for handle in handles:
+            handle.wait_ready(config.startup_timeout_s)
+    except BaseException:
         for handle in handles:
             handle.stop()
         raise

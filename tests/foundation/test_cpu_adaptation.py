@@ -54,9 +54,15 @@ def test_streams_are_noops(adapted):
 
 
 def test_deactivate_restores_everything():
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
     cpu_adaptation.activate()
+    assert isinstance(filesystem_async._results_queue, queue.Queue)
     cpu_adaptation.deactivate()
     assert not cpu_adaptation.is_active()
+    assert filesystem_async._results_queue is None
     assert torch.zeros(1).type() == "torch.FloatTensor"
     with pytest.raises((RuntimeError, AssertionError)):
         torch.zeros(1, device="cuda")

@@ -1,5 +1,11 @@
 """The RL loop end to end: torchrun with 2 processes (EP=2), the embedded server over
-HTTP, every replay mode, on- and off-policy (N = 1, 2)."""
+HTTP, every replay mode, on- and off-policy (N = 1, 2); the same runs with prompts not
+shared and with the server in rank 0's process change no result."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
 
 import pytest
 from rl_fixtures import TINY_RL, launch, read_metrics, steps
@@ -11,25 +17,47 @@ REQUIRED = (
 )
 
 
-# Every replay mode, on- and off-policy, in the combinations with assertions of their own:
-# no replay on-policy; R2 on-policy (the update's routing is exactly the recorded one); R2
-# and R3 off-policy (routes replayed across two updates). Left out to keep the suite's
-# time: R3 on-policy at EP = 2 (R3 on-policy runs in one process in test_multi_turn,
-# fidelity 1) and no replay off-policy with real updates (the non-finite-loss test runs
-# that configuration with every update skipped; tests/study runs R3 off-policy).
+class TwoStepRuns:
+    """Two RL steps at EP = 2 per (replay, mini-batch, extra flags), launched once per
+    module: the comparisons below reuse the plain runs test_two_rl_steps checks instead of
+    launching their own (each launch is ~30 s of the suite)."""
+
+    def __init__(self, coldstart: Path, root: Path):
+        self.coldstart, self.root = coldstart, root
+        self.done: dict[tuple, tuple[Path, subprocess.CompletedProcess]] = {}
+
+    def get(self, replay: str, mini_batch: int, *extra: str
+            ) -> tuple[Path, subprocess.CompletedProcess]:
+        key = (replay, mini_batch, *extra)
+        if key not in self.done:
+            save = self.root / "-".join(str(k).lstrip("-") for k in key)
+            proc = launch(2, TINY_RL + [
+                "--expert-model-parallel-size", "2", "--train-iters", "2",
+                "--routing-replay", replay, "--rl-mini-batch-size", str(mini_batch),
+                "--lr-decay-style", "linear", "--eval-samples", "2", *extra,
+                "--load", str(self.coldstart), "--save", str(save)])
+            self.done[key] = save, proc
+        return self.done[key]
+
+
+@pytest.fixture(scope="module")
+def runs(coldstart, tmp_path_factory) -> TwoStepRuns:
+    return TwoStepRuns(coldstart, tmp_path_factory.mktemp("two-step-runs"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("mini_batch", "replay"), [(16, "none"), (16, "r2"), (8, "r2"), (8, "r3")],
                          ids=["N1-none", "N1-r2", "N2-r2", "N2-r3"])
-def test_two_rl_steps(replay, mini_batch, coldstart, tmp_path):
-    save = tmp_path / "rl"
-    launch(2, TINY_RL + ["--expert-model-parallel-size", "2", "--train-iters", "2",
-                         "--routing-replay", replay, "--rl-mini-batch-size", str(mini_batch),
-                         "--lr-decay-style", "linear",
-                         "--load", str(coldstart), "--save", str(save)])
+def test_two_rl_steps(replay, mini_batch, runs):
+    save, proc = runs.get(replay, mini_batch)
+    # Prompts are shared where they can be (the default), the server is a process.
+    log = proc.stdout + proc.stderr
+    assert "one row per prompt" in log and "ready (pid" in log
     rows = read_metrics(save)
     by_step = steps(rows)
     assert sorted(by_step) == [1, 2]
     assert rows[0]["step"] == 0 and "eval/accuracy" in rows[0]
+    assert rows[0]["eval/sampled_accuracy"] is not None
     assert "eval/accuracy" in by_step[2]
     n_updates = 16 // mini_batch
     for step, row in by_step.items():
@@ -69,22 +97,15 @@ def test_two_rl_steps(replay, mini_batch, coldstart, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("replay", ["r2", "r3"])
-def test_sharing_prompts_changes_no_result(replay, coldstart, tmp_path):
-    """One RL step with each group's prompt laid out once and with one row per response:
-    the same rollout, the same pi_old, loss, clipping and router statistics (each shared
-    prompt token counted once per response), up to rounding, in one process and in two
-    (EP=2: the ranks agree on the shape of their tree-shaped micro-batches)."""
-    results = {}
-    for share in ("--rl-share-prompts", "--no-rl-share-prompts"):
-        save = tmp_path / share
-        proc = launch(2, TINY_RL + ["--expert-model-parallel-size", "2", "--train-iters", "1",
-                                    "--routing-replay", replay, "--rl-mini-batch-size", "8",
-                                    "--rl-eval-size", "0", share, "--load", str(coldstart),
-                                    "--save", str(save)])
-        results[share] = steps(read_metrics(save))[1]
-        said = "one row per prompt" in proc.stdout + proc.stderr
-        assert said == (share == "--rl-share-prompts")
-    shared, alone = results["--rl-share-prompts"], results["--no-rl-share-prompts"]
+def test_sharing_prompts_changes_no_result(replay, runs):
+    """The first RL step with each group's prompt laid out once (test_two_rl_steps' N = 2
+    run) and with one row per response: the same rollout, pi_old, loss, clipping and router
+    statistics (each shared prompt token counted once per response), up to rounding, over
+    two processes (EP=2: the ranks agree on the shape of their tree-shaped micro-batches)."""
+    (shared_dir, _), (alone_dir, alone_proc) = (runs.get(replay, 8),
+                                                runs.get(replay, 8, "--no-rl-share-prompts"))
+    assert "one row per response" in alone_proc.stdout + alone_proc.stderr
+    shared, alone = steps(read_metrics(shared_dir))[1], steps(read_metrics(alone_dir))[1]
     # The groups' prompts were shared: the updates computed fewer positions.
     assert shared["train/positions"] < 0.8 * alone["train/positions"]
     assert shared["rollout/reward_mean"] == alone["rollout/reward_mean"]
@@ -97,24 +118,17 @@ def test_sharing_prompts_changes_no_result(replay, coldstart, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_colocated_server_changes_no_result(coldstart, tmp_path):
+def test_a_colocated_server_changes_no_result(runs):
     """Two RL steps (R3, EP = 2, a weight sync in between, evaluation on the servers) with
-    the embedded server in a process of its own and served from rank 0's process: the same
-    rollouts, evaluations and updates, and no server process in the colocated run."""
-    results, said = {}, {}
-    for colocate in ("--rl-rollout-colocate", "--no-rl-rollout-colocate"):
-        save = tmp_path / colocate
-        proc = launch(2, TINY_RL + ["--expert-model-parallel-size", "2", "--train-iters", "2",
-                                    "--routing-replay", "r3", "--rl-mini-batch-size", "8",
-                                    "--eval-samples", "2", colocate, "--load", str(coldstart),
-                                    "--save", str(save)])
-        results[colocate] = read_metrics(save)
-        log = proc.stdout + proc.stderr
-        said[colocate] = ("ready (in process" in log, "ready (pid" in log)
-        assert (save / "weights" / "v2" / "config.json").is_file()
-    assert said == {"--rl-rollout-colocate": (True, False),
-                    "--no-rl-rollout-colocate": (False, True)}
-    together, apart = results["--rl-rollout-colocate"], results["--no-rl-rollout-colocate"]
+    the embedded server in a process of its own (test_two_rl_steps' N2-r3 run) and served
+    from rank 0's process: the same rollouts, evaluations and updates, and no server
+    process in the colocated run."""
+    apart_dir, _ = runs.get("r3", 8)
+    together_dir, proc = runs.get("r3", 8, "--rl-rollout-colocate")
+    log = proc.stdout + proc.stderr
+    assert "ready (in process" in log and "ready (pid" not in log
+    assert (together_dir / "weights" / "v2" / "config.json").is_file()
+    together, apart = read_metrics(together_dir), read_metrics(apart_dir)
     assert [r["step"] for r in together] == [r["step"] for r in apart] == [0, 1, 2]
     for ours, theirs in zip(together, apart, strict=True):
         for name in ("rollout/reward_mean", "rollout/response_length_mean", "mismatch/kl",

@@ -1,13 +1,12 @@
 """Fixtures of the rollout tests: tiny checkpoints and embedded servers (subprocesses).
 
-Two servers start once per session, in parallel (each start imports torch and transformers:
+Two servers start once per session, side by side (each start imports torch and transformers:
 10-20 s on 2 cores). Tests that kill a server restart it on the same port or leave it dead
 on purpose; the fixture stops whatever processes it holds at the end, and only those.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,7 +16,7 @@ from rollout_env import API_KEY, SERVER_BATCH
 from transformers import Qwen3MoeForCausalLM
 
 from megatron_rl.inference.bf16_gemm import Bf16Products
-from megatron_rl.inference.launcher import ServerHandle, start_server_process
+from megatron_rl.inference.launcher import ServerHandle, spawn_server_process
 from megatron_rl.model.config import preset
 from megatron_rl.weight_sync.hf_config import save_random_checkpoint
 
@@ -53,19 +52,14 @@ class Servers:
 
     def __init__(self, model: Path):
         self.model = model
-        with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            started = list(pool.map(lambda _: self._start(), range(2)))
-        self.handles: list[ServerHandle] = started
+        self.handles: list[ServerHandle] = [self._spawn(), self._spawn()]
         self.retired: list[ServerHandle] = []
+        for handle in self.handles:
+            handle.wait_ready(240)
 
-    def _start(self, port: int = 0) -> ServerHandle:
-        return start_server_process(
-            self.model,
-            port=port,
-            api_key=API_KEY,
-            max_batch_size=SERVER_BATCH,
-            startup_timeout_s=240,
-        )
+    def _spawn(self, port: int = 0) -> ServerHandle:
+        return spawn_server_process(self.model, port=port, api_key=API_KEY,
+                                    max_batch_size=SERVER_BATCH)
 
     @property
     def main(self) -> ServerHandle:
@@ -80,7 +74,8 @@ class Servers:
         old.kill()
         self.retired.append(old)
         port = int(old.url.rsplit(":", 1)[1])
-        self.handles[index] = self._start(port)
+        self.handles[index] = self._spawn(port)
+        self.handles[index].wait_ready(240)
         return self.handles[index]
 
     def stop_all(self) -> None:

@@ -108,10 +108,14 @@ def main():
             ckpt.save_checkpoint(engine, args.save, step + 1, {})
         if args.dump_at == step + 1:
             dump()
+    import multiprocessing
+
     from megatron_rl import cpu_adaptation
 
+    # Processes still alive that this one started (a checkpoint writer's helpers).
+    children = [p.name for p in multiprocessing.active_children()]
     record = {"losses": losses, "grad_norms": norms, "rank": rank,
-              "redirect_sites": cpu_adaptation.redirect_sites()}
+              "redirect_sites": cpu_adaptation.redirect_sites(), "children": children}
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as handle:
         json.dump(record, handle)
 
