@@ -61,8 +61,8 @@ class ServerHandle:
     ):
         self.process, self.url, self.log_path, self.args = process, url, log_path, args
         self.owns_log = owns_log
-        self._api_key = api_key
         """The log is a temporary file of the launcher's: :meth:`stop` deletes it."""
+        self._api_key = api_key
 
     @property
     def pid(self) -> int:
@@ -81,16 +81,14 @@ class ServerHandle:
         """Return once ``/health`` answers; if the server exits or stays silent past
         ``timeout_s``, kill it and raise with its log's tail."""
         try:
-            wait_healthy(self.url, api_key=self._api_key, timeout_s=timeout_s,
-                         process=self.process)
+            wait_healthy(self.url, api_key=self._api_key, timeout_s=timeout_s, process=self.process)
         except (RuntimeError, TimeoutError) as exc:
             self.kill()
             tail = self.log_tail()
             if self.owns_log:
                 self.log_path.unlink(missing_ok=True)
             raise RuntimeError(f"{exc}; server log {self.log_path}:\n{tail}") from None
-        logger.info("rollout server %s ready (pid %d, log %s)", self.url, self.pid,
-                    self.log_path)
+        logger.info("rollout server %s ready (pid %d, log %s)", self.url, self.pid, self.log_path)
 
     def stop(self, timeout_s: float = 15.0) -> None:
         """SIGTERM (the server ends its batch and exits within seconds), SIGKILL if it
@@ -229,13 +227,17 @@ def start_embedded_servers(
             max_batch_size=config.max_batch_size, weight_version=weight_version,
             startup_timeout_s=config.startup_timeout_s,
         )]  # fmt: skip
-    # All processes first, then the waits: the servers load side by side.
+    # All processes first, then the waits: the servers load side by side. No server has
+    # bound its port when the next is picked, so the picks are kept apart explicitly.
+    api_key = config.resolved_api_key()
+    ports: set[int] = set()
+    while config.port == 0 and len(ports) < config.num_servers:
+        ports.add(free_port(config.host))
     handles: list[ServerHandle] = []
     try:
-        for _ in range(config.num_servers):
+        for port in sorted(ports) or [config.port]:
             handles.append(spawn_server_process(
-                model_dir, port=config.port, host=config.host,
-                api_key=config.resolved_api_key(), dtype=config.dtype,
+                model_dir, port=port, host=config.host, api_key=api_key, dtype=config.dtype,
                 quantization=config.quantization, max_batch_size=config.max_batch_size,
                 threads=config.threads, weight_version=weight_version,
                 extra_args=extra_args, log_dir=log_dir,

@@ -22,9 +22,10 @@ def test_roundtrip_is_exact_and_resume_continues_identically(torchrun, tmp_path)
     for name, value in before["params"].items():
         assert torch.equal(value, after["params"][name]), name
     _assert_same_optimizer_state(before["optimizer"], after["optimizer"])
-    # The save left no helper process behind (cpu_adaptation._in_process_save_results:
-    # megatron-core's writer would otherwise keep a Manager process importing torch).
-    assert full["children"] == []
+    # On a CPU the save left no helper process behind (cpu_adaptation's
+    # _in_process_save_results: megatron-core's writer would keep a Manager process).
+    if full["adapted"]:
+        assert full["children"] == []
     # Resuming from the checkpoint reproduces steps 2 and 3 exactly.
     assert resumed["losses"] == full["losses"][1:]
     assert resumed["grad_norms"] == full["grad_norms"][1:]

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from rl_fixtures import TINY_RL, launch, read_metrics, steps
 
+from megatron_rl.model.provider import transformer_engine_available
+
 REQUIRED = (
     "rollout/reward_mean", "mismatch/kl", "mismatch/kl_k3", "mismatch/router_agreement",
     "train/clipfrac", "train/entropy", "train/staleness_kl", "time/rollout", "time/logprob",
@@ -24,19 +26,25 @@ class TwoStepRuns:
 
     def __init__(self, coldstart: Path, root: Path):
         self.coldstart, self.root = coldstart, root
-        self.done: dict[tuple, tuple[Path, subprocess.CompletedProcess]] = {}
+        self.done: dict[tuple, tuple[Path, subprocess.CompletedProcess] | AssertionError] = {}
 
     def get(self, replay: str, mini_batch: int, *extra: str
             ) -> tuple[Path, subprocess.CompletedProcess]:
         key = (replay, mini_batch, *extra)
         if key not in self.done:
             save = self.root / "-".join(str(k).lstrip("-") for k in key)
-            proc = launch(2, TINY_RL + [
-                "--expert-model-parallel-size", "2", "--train-iters", "2",
-                "--routing-replay", replay, "--rl-mini-batch-size", str(mini_batch),
-                "--lr-decay-style", "linear", "--eval-samples", "2", *extra,
-                "--load", str(self.coldstart), "--save", str(save)])
-            self.done[key] = save, proc
+            try:
+                proc = launch(2, TINY_RL + [
+                    "--expert-model-parallel-size", "2", "--train-iters", "2",
+                    "--routing-replay", replay, "--rl-mini-batch-size", str(mini_batch),
+                    "--lr-decay-style", "linear", "--eval-samples", "2", *extra,
+                    "--load", str(self.coldstart), "--save", str(save)])
+            except AssertionError as exc:  # every test of this run fails with it, at once
+                self.done[key] = exc
+            else:
+                self.done[key] = save, proc
+        if isinstance(self.done[key], AssertionError):
+            raise self.done[key]
         return self.done[key]
 
 
@@ -50,9 +58,11 @@ def runs(coldstart, tmp_path_factory) -> TwoStepRuns:
                          ids=["N1-none", "N1-r2", "N2-r2", "N2-r3"])
 def test_two_rl_steps(replay, mini_batch, runs):
     save, proc = runs.get(replay, mini_batch)
-    # Prompts are shared where they can be (the default), the server is a process.
+    # Prompts are shared where they can be (the default; not with Transformer Engine's
+    # attention), the server is a process.
     log = proc.stdout + proc.stderr
-    assert "one row per prompt" in log and "ready (pid" in log
+    assert ("one row per prompt" in log) == (not transformer_engine_available())
+    assert "ready (pid" in log
     rows = read_metrics(save)
     by_step = steps(rows)
     assert sorted(by_step) == [1, 2]
@@ -96,6 +106,8 @@ def test_two_rl_steps(replay, mini_batch, runs):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(transformer_engine_available(),
+                    reason="Transformer Engine's attention takes no tree mask: no sharing")
 @pytest.mark.parametrize("replay", ["r2", "r3"])
 def test_sharing_prompts_changes_no_result(replay, runs):
     """The first RL step with each group's prompt laid out once (test_two_rl_steps' N = 2

@@ -54,8 +54,12 @@ class Servers:
         self.model = model
         self.handles: list[ServerHandle] = [self._spawn(), self._spawn()]
         self.retired: list[ServerHandle] = []
-        for handle in self.handles:
-            handle.wait_ready(240)
+        try:
+            for handle in self.handles:
+                handle.wait_ready(240)
+        except BaseException:
+            self.stop_all()
+            raise
 
     def _spawn(self, port: int = 0) -> ServerHandle:
         return spawn_server_process(self.model, port=port, api_key=API_KEY,

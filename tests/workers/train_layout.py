@@ -115,7 +115,8 @@ def main():
     # Processes still alive that this one started (a checkpoint writer's helpers).
     children = [p.name for p in multiprocessing.active_children()]
     record = {"losses": losses, "grad_norms": norms, "rank": rank,
-              "redirect_sites": cpu_adaptation.redirect_sites(), "children": children}
+              "redirect_sites": cpu_adaptation.redirect_sites(), "children": children,
+              "adapted": cpu_adaptation.is_active()}
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as handle:
         json.dump(record, handle)
 
