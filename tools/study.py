@@ -45,6 +45,7 @@ from megatron_rl.study.grid import (  # noqa: E402
     expand,
     parse_grid,
 )
+from megatron_rl.study.plots import PANELS  # noqa: E402
 from megatron_rl.study.runner import (  # noqa: E402
     StudyError,
     ensure_coldstart,
@@ -81,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dry-run", action="store_true", help="print what would run, and stop")
     r.add_argument("--tail", type=float, default=0.25,
                    help="fraction of the last updates the reward/entropy columns average")
+    r.add_argument("--plot-panels", choices=PANELS, default="n",
+                   help="a panel per off-policiness N (the paper's layout), or per replay "
+                        "mode (one N's objective ablation)")
     add_config_flags(p, StudySettings, "settings shared by every run")
     return p
 
@@ -108,7 +112,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, StudySettings, list[RunS
     return args, settings, specs
 
 
-def summarize_study(out: Path, specs: list[RunSpec], tail: float) -> None:
+def summarize_study(out: Path, specs: list[RunSpec], tail: float, panels: str = "n") -> None:
     from megatron_rl.study.plots import plot_study
     from megatron_rl.study.summary import markdown_table, summarize, write_csv, write_runs_csv
 
@@ -121,7 +125,7 @@ def summarize_study(out: Path, specs: list[RunSpec], tail: float) -> None:
     (out / "summary.md").write_text(table + "\n")
     write_csv(summaries, out / "summary.csv")
     write_runs_csv(summaries, out / "runs.csv")
-    written = plot_study(runs, out / "plots")
+    written = plot_study(runs, out / "plots", panels=panels)
     print(table)
     print(f"\nwrote {out / 'summary.md'}, summary.csv, runs.csv and {len(written)} plots "
           f"in {out / 'plots'}")
@@ -158,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         grid_flags = ("--grid", "--objectives", "--n", "--replays", "--seeds")
         given_grid = any(a.split("=")[0] in grid_flags for a in argv)
         stored = None if given_grid else _stored_specs(out)
-        summarize_study(out, stored or specs, args.tail)
+        summarize_study(out, stored or specs, args.tail, args.plot_panels)
         return 0
     coldstart = Path(args.coldstart).resolve() if args.coldstart else out / "coldstart"
     jobs = [run_job(settings, s, coldstart, out / "runs") for s in specs]
@@ -198,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"study.py: error: {exc}", file=sys.stderr)
         return 1
     print(f"grid done in {(time.time() - started) / 60:.1f} min")
-    summarize_study(out, specs, args.tail)
+    summarize_study(out, specs, args.tail, args.plot_panels)
     for job in failed:
         print(f"FAILED: {job.name} (log {job.directory / 'train.log'})", file=sys.stderr)
     return 1 if failed else 0

@@ -1,6 +1,7 @@
 """PNG figures of a study, laid out like the paper's: a metric against gradient updates,
 one panel per off-policiness N, one line per configuration (mean over seeds) with the
-seeds' range as a band.
+seeds' range as a band. ``panels="replay"`` lays one N's ablation out instead: a panel per
+replay mode, a line per objective (and N).
 
 Training metrics are noisy at this scale (a few hundred responses per step), so they are
 smoothed with a trailing moving average whose window is printed on the figure; held-out
@@ -13,8 +14,9 @@ import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
-from megatron_rl.study.grid import Config, RunSpec
+from megatron_rl.study.grid import REPLAYS, Config, RunSpec
 from megatron_rl.study.summary import (
     ACCURACY,
     AGREEMENT,
@@ -28,6 +30,9 @@ from megatron_rl.study.summary import (
 )
 
 logger = logging.getLogger(__name__)
+
+Panels = Literal["n", "replay"]
+PANELS: tuple[str, ...] = ("n", "replay")
 
 # (metric, title, smoothed)
 METRICS: list[tuple[str, str, bool]] = [
@@ -74,16 +79,32 @@ def _curves(runs: Sequence[tuple[RunSpec, Path]]) -> dict[Config, list[list[dict
     return loaded
 
 
-def _colours(configs: Sequence[Config]) -> dict[str, tuple]:
+def _panel(config: Config, panels: Panels) -> int:
+    """The panel's position: N itself, or the replay mode's place in REPLAYS."""
+    return config.n if panels == "n" else REPLAYS.index(config.replay)
+
+
+def _panel_title(config: Config, panels: Panels) -> str:
+    if panels == "n":
+        return f"N = {config.n}"
+    return "no replay" if config.replay == "none" else config.replay.upper()
+
+
+def _label(config: Config, panels: Panels) -> str:
+    """Legend label within a panel: the panel's own key is left out."""
+    return config.label if panels == "n" else f"{config.objective}, N = {config.n}"
+
+
+def _colours(configs: Sequence[Config], panels: Panels) -> dict[str, tuple]:
     import matplotlib
 
     cmap = matplotlib.colormaps["tab10"]
-    labels = list(dict.fromkeys(c.label for c in sorted(configs, key=Config.sort_key)))
+    labels = list(dict.fromkeys(_label(c, panels) for c in sorted(configs, key=Config.sort_key)))
     return {label: cmap(i % 10) for i, label in enumerate(labels)}
 
 
 def _draw(ax, config: Config, runs_rows: list[list[dict]], metric: str, smoothed: bool,
-          colour) -> bool:
+          colour, label: str) -> bool:
     n = config.n
     curves = []
     for rows in runs_rows:
@@ -98,7 +119,7 @@ def _draw(ax, config: Config, runs_rows: list[list[dict]], metric: str, smoothed
     xs, mean, low, high = seed_band(curves)
     if not xs:
         return False
-    ax.plot(xs, mean, color=colour, label=f"{config.label} ({len(curves)} seeds)", lw=1.6,
+    ax.plot(xs, mean, color=colour, label=f"{label} ({len(curves)} seeds)", lw=1.6,
             marker="o" if metric in (ACCURACY, SAMPLED_ACCURACY) or len(xs) < 4 else None, ms=3)
     if len(curves) > 1:
         ax.fill_between(xs, low, high, color=colour, alpha=0.18, lw=0)
@@ -106,28 +127,32 @@ def _draw(ax, config: Config, runs_rows: list[list[dict]], metric: str, smoothed
 
 
 def plot_metric(runs: Sequence[tuple[RunSpec, Path]], metric: str, title: str, smoothed: bool,
-                path: Path, axes_row=None) -> bool:
-    """One figure (or one row of a figure) for ``metric``; False when no run has it."""
+                path: Path, axes_row=None, panels: Panels = "n") -> bool:
+    """One figure (or one row of a figure) for ``metric``, a panel per N (or per replay
+    mode); False when no run has it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     loaded = _curves(runs)
-    ns = sorted({c.n for c in loaded})
-    if not ns:
+    keys = sorted({_panel(c, panels) for c in loaded})
+    if not keys:
         return False
-    colours = _colours(list(loaded))
+    colours = _colours(list(loaded), panels)
     own = axes_row is None
     if own:
-        fig, axes = plt.subplots(1, len(ns), figsize=(4.6 * len(ns), 3.6), squeeze=False,
+        fig, axes = plt.subplots(1, len(keys), figsize=(4.6 * len(keys), 3.6), squeeze=False,
                                  sharey=True)
         axes_row = axes[0]
     drawn = False
-    for ax, n in zip(axes_row, ns, strict=False):
-        for config in sorted((c for c in loaded if c.n == n), key=Config.sort_key):
-            drawn |= _draw(ax, config, loaded[config], metric, smoothed, colours[config.label])
-        ax.set_title(f"N = {n}" if own else f"{title}, N = {n}", fontsize=9)
+    for ax, key in zip(axes_row, keys, strict=False):
+        configs = sorted((c for c in loaded if _panel(c, panels) == key), key=Config.sort_key)
+        for config in configs:
+            label = _label(config, panels)
+            drawn |= _draw(ax, config, loaded[config], metric, smoothed, colours[label], label)
+        where = _panel_title(configs[0], panels)
+        ax.set_title(where if own else f"{title}, {where}", fontsize=9)
         ax.set_xlabel("gradient updates")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
@@ -143,9 +168,10 @@ def plot_metric(runs: Sequence[tuple[RunSpec, Path]], metric: str, title: str, s
     return drawn
 
 
-def plot_study(runs: Sequence[tuple[RunSpec, Path]], out_dir: Path) -> list[Path]:
+def plot_study(runs: Sequence[tuple[RunSpec, Path]], out_dir: Path,
+               panels: Panels = "n") -> list[Path]:
     """Every figure of the study into ``out_dir``: one PNG per metric and an overview
-    with a row per metric. Returns the files written."""
+    with a row per metric, a panel per N (or per replay mode). Returns the files written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -155,16 +181,16 @@ def plot_study(runs: Sequence[tuple[RunSpec, Path]], out_dir: Path) -> list[Path
     written = []
     for metric, title, smoothed in METRICS:
         path = out_dir / f"{metric.replace('/', '_')}.png"
-        if plot_metric(runs, metric, title, smoothed, path):
+        if plot_metric(runs, metric, title, smoothed, path, panels=panels):
             written.append(path)
         else:
             logger.info("no run reports %s: no figure", metric)
-    ns = sorted({c.n for c in _curves(runs)})
-    if written and ns:
-        fig, axes = plt.subplots(len(METRICS), len(ns), figsize=(4.6 * len(ns), 3.0 * len(METRICS)),
-                                 squeeze=False)
+    keys = sorted({_panel(c, panels) for c in _curves(runs)})
+    if written and keys:
+        fig, axes = plt.subplots(len(METRICS), len(keys),
+                                 figsize=(4.6 * len(keys), 3.0 * len(METRICS)), squeeze=False)
         for row, (metric, title, smoothed) in zip(axes, METRICS, strict=True):
-            plot_metric(runs, metric, title, smoothed, out_dir, axes_row=row)
+            plot_metric(runs, metric, title, smoothed, out_dir, axes_row=row, panels=panels)
         fig.tight_layout()
         path = out_dir / "overview.png"
         fig.savefig(path, dpi=90)
@@ -173,4 +199,4 @@ def plot_study(runs: Sequence[tuple[RunSpec, Path]], out_dir: Path) -> list[Path
     return written
 
 
-__all__ = ["METRICS", "plot_metric", "plot_study", "seed_band", "smooth"]
+__all__ = ["METRICS", "PANELS", "plot_metric", "plot_study", "seed_band", "smooth"]

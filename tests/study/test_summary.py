@@ -142,6 +142,25 @@ def test_plots_have_a_panel_per_n(tmp_path):
     assert width > height  # two panels side by side
 
 
+def test_plots_can_have_a_panel_per_replay_mode(tmp_path):
+    runs = []
+    for objective in ("minirl", "grpo"):
+        for replay in ("none", "r2", "r3"):
+            spec = RunSpec(Config(objective, 8, replay), 1)
+            extra = {"replay/fidelity": 1.0} if replay != "none" else {}
+            runs.append((spec, write_run(tmp_path / spec.name, [0.4, 0.5], {0: 0.5, 2: 0.6},
+                                         extra)))
+    from PIL import Image
+
+    by_n = plot_study(runs, tmp_path / "by_n")
+    by_replay = plot_study(runs, tmp_path / "by_replay", panels="replay")
+    assert {p.name for p in by_replay} == {p.name for p in by_n}
+    # One N: one panel; three replay modes: three panels side by side.
+    one = Image.open(tmp_path / "by_n" / "eval_accuracy.png").size
+    three = Image.open(tmp_path / "by_replay" / "eval_accuracy.png").size
+    assert three[1] == one[1] and three[0] > 2.5 * one[0]
+
+
 def test_smoothing_and_seed_band():
     assert smooth([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
     xs, mean, low, high = seed_band([([1, 2, 3], [1.0, 2.0, 3.0]), ([1, 2], [3.0, 4.0])])
