@@ -230,12 +230,14 @@ def start_embedded_servers(
     # All processes first, then the waits: the servers load side by side. No server has
     # bound its port when the next is picked, so the picks are kept apart explicitly.
     api_key = config.resolved_api_key()
-    ports: set[int] = set()
-    while config.port == 0 and len(ports) < config.num_servers:
-        ports.add(free_port(config.host))
+    ports = {config.port}  # a fixed port means one server (RolloutConfig checks it)
+    if not config.port:
+        ports = set()
+        while len(ports) < config.num_servers:
+            ports.add(free_port(config.host))
     handles: list[ServerHandle] = []
     try:
-        for port in sorted(ports) or [config.port]:
+        for port in sorted(ports):
             handles.append(spawn_server_process(
                 model_dir, port=port, host=config.host, api_key=api_key, dtype=config.dtype,
                 quantization=config.quantization, max_batch_size=config.max_batch_size,

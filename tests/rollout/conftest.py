@@ -16,8 +16,13 @@ from rollout_env import API_KEY, SERVER_BATCH
 from transformers import Qwen3MoeForCausalLM
 
 from megatron_rl.inference.bf16_gemm import Bf16Products
-from megatron_rl.inference.launcher import ServerHandle, spawn_server_process
+from megatron_rl.inference.launcher import (
+    ServerHandle,
+    start_embedded_servers,
+    start_server_process,
+)
 from megatron_rl.model.config import preset
+from megatron_rl.rollout.config import RolloutConfig
 from megatron_rl.weight_sync.hf_config import save_random_checkpoint
 
 
@@ -52,18 +57,12 @@ class Servers:
 
     def __init__(self, model: Path):
         self.model = model
-        self.handles: list[ServerHandle] = [self._spawn(), self._spawn()]
+        # The trainer's own path: both spawned before either is waited for, distinct ports,
+        # both stopped if one fails to start.
+        config = RolloutConfig(num_servers=2, api_key=API_KEY, max_batch_size=SERVER_BATCH,
+                               startup_timeout_s=240)
+        self.handles: list[ServerHandle] = start_embedded_servers(model, config)
         self.retired: list[ServerHandle] = []
-        try:
-            for handle in self.handles:
-                handle.wait_ready(240)
-        except BaseException:
-            self.stop_all()
-            raise
-
-    def _spawn(self, port: int = 0) -> ServerHandle:
-        return spawn_server_process(self.model, port=port, api_key=API_KEY,
-                                    max_batch_size=SERVER_BATCH)
 
     @property
     def main(self) -> ServerHandle:
@@ -78,8 +77,9 @@ class Servers:
         old.kill()
         self.retired.append(old)
         port = int(old.url.rsplit(":", 1)[1])
-        self.handles[index] = self._spawn(port)
-        self.handles[index].wait_ready(240)
+        self.handles[index] = start_server_process(self.model, port=port, api_key=API_KEY,
+                                                   max_batch_size=SERVER_BATCH,
+                                                   startup_timeout_s=240)
         return self.handles[index]
 
     def stop_all(self) -> None:
