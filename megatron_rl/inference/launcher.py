@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, TypedDict, Unpack
 
 import httpx
 
@@ -136,11 +136,27 @@ def wait_healthy(url: str, *, api_key: str | None, timeout_s: float, process=Non
     raise TimeoutError(f"rollout server {url} did not answer /health within {timeout_s:.0f} s")
 
 
+class ServerOptions(TypedDict, total=False):
+    """:func:`spawn_server_process`'s keyword arguments, for the functions that pass them on."""
+
+    port: int
+    host: str
+    api_key: str | None
+    dtype: str
+    quantization: str | None
+    max_batch_size: int
+    threads: int
+    weight_version: str
+    extra_args: list[str] | tuple[str, ...]
+    log_path: str | os.PathLike | None
+    log_dir: str | os.PathLike | None
+
+
 def start_server_process(
     model_dir: str | os.PathLike,
     *,
     startup_timeout_s: float = 180.0,
-    **options: Any,
+    **options: Unpack[ServerOptions],
 ) -> ServerHandle:
     """Start ``python -m megatron_rl.inference.server`` and wait until it is healthy.
 

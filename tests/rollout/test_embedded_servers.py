@@ -56,3 +56,15 @@ def test_a_failed_start_stops_every_server_and_says_why(tmp_path, spawned):
         launcher.start_embedded_servers(tmp_path / "no-such-model", config)
     assert len(spawned["handles"]) == 2
     assert not any(h.alive() for h in spawned["handles"])
+
+
+def test_server_options_name_every_spawn_keyword():
+    """start_server_process passes ServerOptions on to spawn_server_process: the two lists
+    of keywords (and their annotations) must not drift apart."""
+    import inspect
+
+    spawn = inspect.signature(launcher.spawn_server_process).parameters
+    keywords = {name: p.annotation for name, p in spawn.items() if name != "model_dir"}
+    options = {name: getattr(t, "__forward_arg__", t)  # the launcher's annotations are strings
+               for name, t in launcher.ServerOptions.__annotations__.items()}
+    assert options == keywords
