@@ -95,16 +95,44 @@ def _label(config: Config, panels: Panels) -> str:
     return config.label if panels == "n" else f"{config.objective}, N = {config.n}"
 
 
-def _colours(configs: Sequence[Config], panels: Panels) -> dict[str, tuple]:
-    import matplotlib
+LINESTYLES = ("-", "--", ":", "-.")
 
-    cmap = matplotlib.colormaps["tab10"]
-    labels = list(dict.fromkeys(_label(c, panels) for c in sorted(configs, key=Config.sort_key)))
-    return {label: cmap(i % 10) for i, label in enumerate(labels)}
+
+def _value_name(key: str, value) -> str:
+    if key == "replay":
+        return "no replay" if value == "none" else value.upper()
+    return f"N = {value}" if key == "n" else str(value)
+
+
+def line_styles(configs: Sequence[Config], panels: Panels
+                ) -> tuple[dict[Config, tuple[int, str]], list[tuple[str, int | None, str]]]:
+    """How each configuration's line is drawn: (colour index, line style), and the key to
+    them as (name, colour index or None, line style) when the lines are keyed.
+
+    Within a panel two things can vary: the objective and the replay mode (a panel per N),
+    or the objective and N (a panel per replay mode). When both vary a panel can hold a
+    dozen lines, more than a legend beside each panel can name and than ten colours keep
+    apart: the colour then says the objective, the line style the other key, and one key
+    serves the whole figure. Otherwise each line has its own colour and is named in its
+    panel's legend (the key is empty)."""
+    ordered = sorted(configs, key=Config.sort_key)
+    other = "replay" if panels == "n" else "n"
+    objectives = list(dict.fromkeys(c.objective for c in ordered))
+    others = list(dict.fromkeys(getattr(c, other) for c in ordered))
+    if len(objectives) > 1 and len(others) > 1 and len(others) <= len(LINESTYLES):
+        styles = {c: (objectives.index(c.objective),
+                      LINESTYLES[others.index(getattr(c, other))]) for c in ordered}
+        key = [(o, i, "-") for i, o in enumerate(objectives)]
+        key += [(_value_name(other, v), None, LINESTYLES[i]) for i, v in enumerate(others)]
+        return styles, key
+    labels = list(dict.fromkeys(_label(c, panels) for c in ordered))
+    return {c: (labels.index(_label(c, panels)), "-") for c in ordered}, []
 
 
 def _draw(ax, config: Config, runs_rows: list[list[dict]], metric: str, smoothed: bool,
-          colour, label: str) -> bool:
+          colour, linestyle: str, label: str) -> int:
+    """The line of ``config``'s seeds (mean, and their range as a band); returns how many
+    seeds it averages (0: nothing drawn)."""
     n = config.n
     curves = []
     for rows in runs_rows:
@@ -115,15 +143,31 @@ def _draw(ax, config: Config, runs_rows: list[list[dict]], metric: str, smoothed
             ys = smooth(ys, max(1, math.ceil(len(ys) / 8)))
         curves.append((xs, ys))
     if not curves:
-        return False
+        return 0
     xs, mean, low, high = seed_band(curves)
     if not xs:
-        return False
-    ax.plot(xs, mean, color=colour, label=f"{label} ({len(curves)} seeds)", lw=1.6,
-            marker="o" if metric in (ACCURACY, SAMPLED_ACCURACY) or len(xs) < 4 else None, ms=3)
+        return 0
+    ax.plot(xs, mean, color=colour, ls=linestyle, label=f"{label} ({len(curves)} seeds)",
+            lw=1.6, marker="o" if metric in (ACCURACY, SAMPLED_ACCURACY) or len(xs) < 4 else None,
+            ms=3)
     if len(curves) > 1:
-        ax.fill_between(xs, low, high, color=colour, alpha=0.18, lw=0)
-    return True
+        ax.fill_between(xs, low, high, color=colour, alpha=0.12, lw=0)
+    return len(curves)
+
+
+def _seeds_note(counts: Sequence[int]) -> str:
+    low, high = min(counts), max(counts)
+    return f"{low} seed{'s' if high > 1 else ''}" if low == high else f"{low}-{high} seeds"
+
+
+def _draw_key(ax, key: list[tuple[str, int | None, str]], colours) -> None:
+    """The figure's key beside ``ax`` (the rightmost panel of its row)."""
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=colours(i) if i is not None else "0.3", ls=style, lw=1.6)
+               for _, i, style in key]
+    ax.legend(handles, [name for name, _, _ in key], fontsize=7, loc="upper left",
+              bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
 
 
 def plot_metric(runs: Sequence[tuple[RunSpec, Path]], metric: str, title: str, smoothed: bool,
@@ -139,24 +183,33 @@ def plot_metric(runs: Sequence[tuple[RunSpec, Path]], metric: str, title: str, s
     keys = sorted({_panel(c, panels) for c in loaded})
     if not keys:
         return False
-    colours = _colours(list(loaded), panels)
+    styles, key = line_styles(list(loaded), panels)
+    cmap = matplotlib.colormaps["tab10"]
+    colours = lambda i: cmap(i % 10)  # noqa: E731
     own = axes_row is None
     if own:
         fig, axes = plt.subplots(1, len(keys), figsize=(4.6 * len(keys), 3.6), squeeze=False,
                                  sharey=True)
         axes_row = axes[0]
     drawn = False
-    for ax, key in zip(axes_row, keys, strict=False):
-        configs = sorted((c for c in loaded if _panel(c, panels) == key), key=Config.sort_key)
+    for ax, panel in zip(axes_row, keys, strict=False):
+        configs = sorted((c for c in loaded if _panel(c, panels) == panel), key=Config.sort_key)
+        seeds = []
         for config in configs:
-            label = _label(config, panels)
-            drawn |= _draw(ax, config, loaded[config], metric, smoothed, colours[label], label)
+            index, linestyle = styles[config]
+            seeds.append(_draw(ax, config, loaded[config], metric, smoothed, colours(index),
+                               linestyle, _label(config, panels)))
+        drawn |= any(seeds)
         where = _panel_title(configs[0], panels)
-        ax.set_title(where if own else f"{title}, {where}", fontsize=9)
+        if key and any(seeds):
+            where += f" ({_seeds_note([k for k in seeds if k])} a line)"
+        ax.set_title(where if own else f"{title}\n{where}", fontsize=9 if own else 8)
         ax.set_xlabel("gradient updates")
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
+        if not key and ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
+    if key:
+        _draw_key(axes_row[-1], key, colours)
     axes_row[0].set_ylabel(title if own else metric, fontsize=8)
     if own:
         note = " (moving average, seeds' range as band)" if smoothed else " (seeds' range as band)"
@@ -199,4 +252,4 @@ def plot_study(runs: Sequence[tuple[RunSpec, Path]], out_dir: Path,
     return written
 
 
-__all__ = ["METRICS", "PANELS", "plot_metric", "plot_study", "seed_band", "smooth"]
+__all__ = ["METRICS", "PANELS", "line_styles", "plot_metric", "plot_study", "seed_band", "smooth"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from megatron_rl.study.grid import Config, RunSpec
-from megatron_rl.study.plots import plot_study, seed_band, smooth
+from megatron_rl.study.plots import line_styles, plot_study, seed_band, smooth
 from megatron_rl.study.summary import (
     RunSummary,
     load_metrics,
@@ -159,6 +159,36 @@ def test_plots_can_have_a_panel_per_replay_mode(tmp_path):
     one = Image.open(tmp_path / "by_n" / "eval_accuracy.png").size
     three = Image.open(tmp_path / "by_replay" / "eval_accuracy.png").size
     assert three[1] == one[1] and three[0] > 2.5 * one[0]
+
+
+def test_many_lines_are_keyed_by_colour_and_style(tmp_path):
+    """A panel per N holding objectives x replay modes: the colour says the objective, the
+    line style the replay mode, one key names them; one varying key: a colour a line."""
+    grid = [Config(o, n, r) for o in ("minirl", "grpo") for n in (1, 8)
+            for r in ("none", "r2", "r3")]
+    styles, key = line_styles(grid, "n")
+    assert len(set(styles.values())) == len(grid) // 2  # N is the panel, not a style
+    for a in grid:
+        for b in grid:
+            assert (styles[a][0] == styles[b][0]) == (a.objective == b.objective)
+            assert (styles[a][1] == styles[b][1]) == (a.replay == b.replay)
+    assert [name for name, _, _ in key] == ["minirl", "grpo", "no replay", "R2", "R3"]
+    by_replay, key = line_styles(grid, "replay")  # the other key is N
+    assert [name for name, _, _ in key][2:] == ["N = 1", "N = 8"]
+    assert by_replay[Config("grpo", 8, "r2")][1] == by_replay[Config("minirl", 8, "none")][1]
+
+    panel = [Config("minirl", n, r) for n in (2, 8) for r in ("none", "r2", "r3")]
+    styles, key = line_styles(panel, "n")
+    assert key == [] and {s for _, s in styles.values()} == {"-"}
+    assert len({c for c, _ in styles.values()}) == 3  # a colour per replay mode
+
+    runs = []
+    for config in grid:
+        spec = RunSpec(config, 1)
+        extra = {"replay/fidelity": 1.0} if config.replay != "none" else {}
+        runs.append((spec, write_run(tmp_path / spec.name, [0.4, 0.5], {0: 0.5, 2: 0.6}, extra)))
+    written = {p.name for p in plot_study(runs, tmp_path / "plots")}
+    assert "overview.png" in written and "eval_accuracy.png" in written
 
 
 def test_smoothing_and_seed_band():
