@@ -195,6 +195,68 @@ def _rows(samples: list[Sample], pack: bool, seq_length: int | None,
     return rows
 
 
+def _routes_of(sample: Sample, prefix: int, start: int, stop: int) -> torch.Tensor:
+    """``sample.routes[start:stop]``, the routes of inputs ``start..stop`` (a micro-batch
+    replaying routes needs them for every sample)."""
+    if sample.routes is None:
+        raise ValueError(f"sample {sample.index} has no routes to replay")
+    if sample.routes.shape[0] != sample.num_inputs:
+        raise ValueError(f"sample {sample.index}: routes for {sample.routes.shape[0]} input "
+                         f"tokens, the sample has {sample.num_inputs}")
+    return sample.routes[start:stop]
+
+
+class _Positions:
+    """What a micro-batch's loop places, gathered as flat (row * S + column) indices and
+    values, written into the tensors with one indexed assignment per tensor: a few
+    thousand small tensor assignments per micro-batch took most of its layout time."""
+
+    def __init__(self) -> None:
+        self.inputs: list[int] = []  # flat positions of input tokens
+        self.tokens: list[int] = []
+        self.labels: list[int] = []
+        self.positions: list[int] = []
+        self.segments: list[int] = []
+        self.blocks: list[int] = []
+        self.copies: list[int] = []
+        self.sample_ids: list[int] = []
+        self.responses: list[int] = []  # flat positions of scored (response) tokens
+        self.loss_mask: list[bool] = []
+        self.advantages: list[float] = []
+        # Per-token tensors of the samples that carry them: (flat positions, values).
+        self.old_lp: tuple[list[int], list[torch.Tensor]] = ([], [])
+        self.roll_lp: tuple[list[int], list[torch.Tensor]] = ([], [])
+        self.ref_lp: tuple[list[int], list[torch.Tensor]] = ([], [])
+        self.routes: tuple[list[int], list[torch.Tensor]] = ([], [])
+
+    def place(self, start: int, ids: list[int], first_position: int, *, segment: int,
+              block: int, copies: int, sample_id: int) -> range:
+        """Inputs ``ids[:-1]`` with labels ``ids[1:]`` from flat position ``start``."""
+        n = len(ids) - 1
+        where = range(start, start + n)
+        self.inputs += where
+        self.tokens += ids[:-1]
+        self.labels += ids[1:]
+        self.positions += range(first_position, first_position + n)
+        self.segments += [segment] * n
+        self.blocks += [block] * n
+        self.copies += [copies] * n
+        self.sample_ids += [sample_id] * n
+        return where
+
+    @staticmethod
+    def add(pair: tuple[list[int], list[torch.Tensor]], where: range,
+            values: torch.Tensor) -> None:
+        pair[0].extend(where)
+        pair[1].append(values)
+
+    @staticmethod
+    def write(target: torch.Tensor, pair: tuple[list[int], list[torch.Tensor]]) -> None:
+        if pair[0]:
+            flat = target.view(-1, *target.shape[2:])
+            flat[torch.tensor(pair[0], dtype=torch.long)] = torch.cat(pair[1]).to(target.dtype)
+
+
 def make_microbatch(
     rows: list[list[Sample]],
     *,
@@ -215,30 +277,15 @@ def make_microbatch(
     B, S = num_rows or len(rows), pad_to
     if len(rows) > B:
         raise ValueError(f"{len(rows)} rows do not fit a micro-batch of {B} rows")
-    tokens = torch.full((B, S), pad_id, dtype=torch.long)
-    labels = torch.full((B, S), pad_id, dtype=torch.long)
-    positions = torch.zeros((B, S), dtype=torch.long)
-    loss_mask = torch.zeros((B, S), dtype=torch.bool)
-    sample_ids = torch.full((B, S), -1, dtype=torch.long)
-    advantages = torch.zeros((B, S), dtype=torch.float32)
-    old_lp = torch.zeros((B, S), dtype=torch.float32)
-    roll_lp = torch.zeros((B, S), dtype=torch.float32)
     with_ref = any(s.ref_logprobs is not None for row in rows for s in row)
-    ref_lp = torch.zeros((B, S), dtype=torch.float32) if with_ref else None
-    routes = None
-    if route_shape is not None:
-        layers, topk, experts = route_shape
-        routes = padding_routes(B * S, layers, topk, experts).view(B, S, layers, topk).clone()
-    segments = torch.zeros((B, S), dtype=torch.long)  # 0 = padding, k+1 = k-th unit of row
-    blocks = torch.zeros((B, S), dtype=torch.long)  # 0 = shared prefix, k+1 = k-th sample
-    copies = torch.zeros((B, S), dtype=torch.long)
+    at = _Positions()
     order: list[int] = []
     lengths: list[int] = []
-    input_index: list[torch.Tensor] = []
+    input_index: list[list[int]] = []
     shared_any = False
     pack = False
     for r, row in enumerate(rows):
-        offset = 0
+        offset = r * S
         units = _units(row, share_prompts)
         pack = pack or len(units) > 1
         for u, unit in enumerate(units):
@@ -246,64 +293,77 @@ def make_microbatch(
             shared_any = shared_any or prefix > 0
             first = unit[0]
             need = sum(s.num_inputs for s in unit) - (len(unit) - 1) * prefix
-            if offset + need > S:
+            if offset - r * S + need > S:
                 raise ValueError(f"sample {first.index} needs {need} input tokens; row {r} "
-                                 f"has {S - offset} left")
-            head = slice(offset, offset + prefix)
+                                 f"has {S - (offset - r * S)} left")
+            head = range(offset, offset)
             if prefix:
-                ids = torch.as_tensor(first.tokens, dtype=torch.long)
-                tokens[r, head] = ids[:prefix]
-                labels[r, head] = ids[1 : prefix + 1]
-                positions[r, head] = torch.arange(prefix)
-                segments[r, head] = u + 1
-                sample_ids[r, head] = len(order)
-                copies[r, head] = len(unit)
-                if routes is not None:
-                    if first.routes is None:
-                        raise ValueError(f"sample {first.index} has no routes to replay")
-                    routes[r, head] = first.routes[:prefix].to(routes.dtype)
+                head = at.place(offset, first.tokens[: prefix + 1], 0, segment=u + 1, block=0,
+                                copies=len(unit), sample_id=len(order))
+                if route_shape is not None:
+                    at.add(at.routes, head, _routes_of(first, prefix, 0, prefix))
             offset += prefix
             for k, sample in enumerate(unit):
                 local = len(order)
                 order.append(sample.index)
                 lengths.append(sample.trained_len)
                 n = sample.num_inputs
-                ids = torch.as_tensor(sample.tokens, dtype=torch.long)
-                span = slice(offset, offset + n - prefix)
-                tokens[r, span] = ids[prefix:-1]
-                labels[r, span] = ids[prefix + 1 :]
-                positions[r, span] = torch.arange(prefix, n)
-                segments[r, span] = u + 1
-                blocks[r, span] = k + 1
-                copies[r, span] = 1
-                input_index.append(torch.cat([
-                    torch.arange(head.start, head.stop), torch.arange(span.start, span.stop),
-                ]) + r * S)
-                resp = slice(offset + sample.prompt_len - 1 - prefix, offset + n - prefix)
+                span = at.place(offset, sample.tokens[prefix:], prefix, segment=u + 1,
+                                block=k + 1, copies=1, sample_id=local)
+                input_index.append([*head, *span])
+                resp = range(offset + sample.prompt_len - 1 - prefix, offset + n - prefix)
+                at.responses += resp
                 if sample.loss_mask is None:
-                    loss_mask[r, resp] = True
+                    at.loss_mask += [True] * len(resp)
                 else:
                     if sample.loss_mask.shape != (sample.response_len,):
                         raise ValueError(f"sample {sample.index}: loss_mask has shape "
                                          f"{tuple(sample.loss_mask.shape)}, want "
                                          f"[{sample.response_len}] (one per response token)")
-                    loss_mask[r, resp] = sample.loss_mask.bool()
-                sample_ids[r, span] = local
-                advantages[r, resp] = float(sample.advantage)
+                    at.loss_mask += sample.loss_mask.bool().tolist()
+                at.advantages += [float(sample.advantage)] * len(resp)
                 if sample.old_logprobs is not None:
-                    old_lp[r, resp] = sample.old_logprobs.float()
+                    at.add(at.old_lp, resp, sample.old_logprobs)
                 if sample.rollout_logprobs is not None:
-                    roll_lp[r, resp] = sample.rollout_logprobs.float()
-                if ref_lp is not None:
+                    at.add(at.roll_lp, resp, sample.rollout_logprobs)
+                if with_ref:
                     if sample.ref_logprobs is None:
                         raise ValueError(f"sample {sample.index} has no reference log-probs, "
                                          "while others of its micro-batch have")
-                    ref_lp[r, resp] = sample.ref_logprobs.float()
-                if routes is not None:
-                    if sample.routes is None:
-                        raise ValueError(f"sample {sample.index} has no routes to replay")
-                    routes[r, span] = sample.routes[prefix:].to(routes.dtype)
+                    at.add(at.ref_lp, resp, sample.ref_logprobs)
+                if route_shape is not None:
+                    at.add(at.routes, span, _routes_of(sample, prefix, prefix, n))
                 offset += n - prefix
+
+    def filled(value, dtype, where, values):
+        out = torch.full((B, S), value, dtype=dtype)
+        if values:
+            out.view(-1)[where] = torch.tensor(values, dtype=dtype)
+        return out
+
+    inputs = torch.tensor(at.inputs, dtype=torch.long)
+    responses = torch.tensor(at.responses, dtype=torch.long)
+    tokens = filled(pad_id, torch.long, inputs, at.tokens)
+    labels = filled(pad_id, torch.long, inputs, at.labels)
+    positions = filled(0, torch.long, inputs, at.positions)
+    segments = filled(0, torch.long, inputs, at.segments)  # 0 = padding, k+1 = k-th unit
+    blocks = filled(0, torch.long, inputs, at.blocks)  # 0 = shared prefix, k+1 = k-th sample
+    copies = filled(0, torch.long, inputs, at.copies)
+    sample_ids = filled(-1, torch.long, inputs, at.sample_ids)
+    loss_mask = filled(False, torch.bool, responses, at.loss_mask)
+    advantages = filled(0.0, torch.float32, responses, at.advantages)
+    old_lp = torch.zeros((B, S), dtype=torch.float32)
+    roll_lp = torch.zeros((B, S), dtype=torch.float32)
+    ref_lp = torch.zeros((B, S), dtype=torch.float32) if with_ref else None
+    at.write(old_lp, at.old_lp)
+    at.write(roll_lp, at.roll_lp)
+    if ref_lp is not None:
+        at.write(ref_lp, at.ref_lp)
+    routes = None
+    if route_shape is not None:
+        layers, topk, experts = route_shape
+        routes = padding_routes(B * S, layers, topk, experts).view(B, S, layers, topk).clone()
+        at.write(routes, at.routes)
     causal = torch.ones((S, S), dtype=torch.bool).tril()
     if pack or shared_any:
         same = segments[:, :, None] == segments[:, None, :]
@@ -332,7 +392,8 @@ def make_microbatch(
         key=key,
         ref_logprobs=ref_lp,
         copies=copies if shared_any else None,
-        input_index=input_index if shared_any else None,
+        input_index=[torch.tensor(i, dtype=torch.long) for i in input_index]
+        if shared_any else None,
     )
 
 

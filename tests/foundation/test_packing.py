@@ -56,6 +56,10 @@ def test_missing_routes_are_an_error():
     s = Sample(tokens=[5, 6, 7], prompt_len=1, index=3)
     with pytest.raises(ValueError, match="sample 3 has no routes"):
         split_microbatches([s], 1, route_shape=(1, 2, 8))
+    # Routes of another length than the sample's inputs (2 here) name the sample.
+    s.routes = torch.zeros(3, 1, 2, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="sample 3: routes for 3 input tokens, the sample has 2"):
+        split_microbatches([s], 1, route_shape=(1, 2, 8))
 
 
 def test_too_long_sample_is_an_error():
