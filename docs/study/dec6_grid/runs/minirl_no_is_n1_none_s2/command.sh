@@ -1,0 +1,4 @@
+#!/usr/bin/env bash
+# minirl_no_is_n1_none_s2
+cd /work/main
+MKL_NUM_THREADS=1 OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore TOKENIZERS_PARALLELISM=false /work/main/.venv/bin/python /work/main/pretrain_rl.py --stage rl --model-preset tiny --load /tmp/p18/panel/coldstart --save /tmp/p18/ablation/runs/minirl_no_is_n1_none_s2 --rl-objective minirl_no_is --routing-replay none --rl-group-size 8 --global-batch-size 512 --rl-mini-batch-size 512 --micro-batch-size 64 --train-iters 96 --eval-interval 8 --save-interval 8 --keep-last 1 --rl-max-new-tokens 6 --rl-temperature 1.0 --rl-rollout-dtype bf16 --rl-rollout-threads 1 --rl-rollout-quantization fp8 --rl-eval-size 128 --rl-eval-seed 2000003 --eval-samples 8 --lr 0.0001 --lr-decay-style constant --adam-beta2 0.95 --seed 2 --rl-rollout-seed 2 --no-progress --no-rl-rollout-progress
