@@ -195,7 +195,7 @@ def _rows(samples: list[Sample], pack: bool, seq_length: int | None,
     return rows
 
 
-def _routes_of(sample: Sample, prefix: int, start: int, stop: int) -> torch.Tensor:
+def _routes_of(sample: Sample, start: int, stop: int) -> torch.Tensor:
     """``sample.routes[start:stop]``, the routes of inputs ``start..stop`` (a micro-batch
     replaying routes needs them for every sample)."""
     if sample.routes is None:
@@ -285,7 +285,7 @@ def make_microbatch(
     shared_any = False
     pack = False
     for r, row in enumerate(rows):
-        offset = r * S
+        row_start = offset = r * S  # flat positions: row * S + column
         units = _units(row, share_prompts)
         pack = pack or len(units) > 1
         for u, unit in enumerate(units):
@@ -293,15 +293,16 @@ def make_microbatch(
             shared_any = shared_any or prefix > 0
             first = unit[0]
             need = sum(s.num_inputs for s in unit) - (len(unit) - 1) * prefix
-            if offset - r * S + need > S:
+            left = row_start + S - offset
+            if need > left:
                 raise ValueError(f"sample {first.index} needs {need} input tokens; row {r} "
-                                 f"has {S - (offset - r * S)} left")
+                                 f"has {left} left")
             head = range(offset, offset)
             if prefix:
                 head = at.place(offset, first.tokens[: prefix + 1], 0, segment=u + 1, block=0,
                                 copies=len(unit), sample_id=len(order))
                 if route_shape is not None:
-                    at.add(at.routes, head, _routes_of(first, prefix, 0, prefix))
+                    at.add(at.routes, head, _routes_of(first, 0, prefix))
             offset += prefix
             for k, sample in enumerate(unit):
                 local = len(order)
@@ -332,7 +333,7 @@ def make_microbatch(
                                          "while others of its micro-batch have")
                     at.add(at.ref_lp, resp, sample.ref_logprobs)
                 if route_shape is not None:
-                    at.add(at.routes, span, _routes_of(sample, prefix, prefix, n))
+                    at.add(at.routes, span, _routes_of(sample, prefix, n))
                 offset += n - prefix
 
     def filled(value, dtype, where, values):

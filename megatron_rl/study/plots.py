@@ -85,9 +85,8 @@ def _panel(config: Config, panels: Panels) -> int:
 
 
 def _panel_title(config: Config, panels: Panels) -> str:
-    if panels == "n":
-        return f"N = {config.n}"
-    return "no replay" if config.replay == "none" else config.replay.upper()
+    key = "n" if panels == "n" else "replay"
+    return _value_name(key, getattr(config, key))
 
 
 def _label(config: Config, panels: Panels) -> str:
@@ -174,12 +173,17 @@ def plot_metric(runs: Sequence[tuple[RunSpec, Path]], metric: str, title: str, s
                 path: Path, axes_row=None, panels: Panels = "n") -> bool:
     """One figure (or one row of a figure) for ``metric``, a panel per N (or per replay
     mode); False when no run has it."""
+    return _plot_loaded(_curves(runs), metric, title, smoothed, path, axes_row, panels)
+
+
+def _plot_loaded(loaded: dict[Config, list[list[dict]]], metric: str, title: str,
+                 smoothed: bool, path: Path, axes_row, panels: Panels) -> bool:
+    """:func:`plot_metric` on metrics already read (a study's figures read each run once)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    loaded = _curves(runs)
     keys = sorted({_panel(c, panels) for c in loaded})
     if not keys:
         return False
@@ -232,18 +236,19 @@ def plot_study(runs: Sequence[tuple[RunSpec, Path]], out_dir: Path,
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
+    loaded = _curves(runs)
     for metric, title, smoothed in METRICS:
         path = out_dir / f"{metric.replace('/', '_')}.png"
-        if plot_metric(runs, metric, title, smoothed, path, panels=panels):
+        if _plot_loaded(loaded, metric, title, smoothed, path, None, panels):
             written.append(path)
         else:
             logger.info("no run reports %s: no figure", metric)
-    keys = sorted({_panel(c, panels) for c in _curves(runs)})
+    keys = sorted({_panel(c, panels) for c in loaded})
     if written and keys:
         fig, axes = plt.subplots(len(METRICS), len(keys),
                                  figsize=(4.6 * len(keys), 3.0 * len(METRICS)), squeeze=False)
         for row, (metric, title, smoothed) in zip(axes, METRICS, strict=True):
-            plot_metric(runs, metric, title, smoothed, out_dir, axes_row=row, panels=panels)
+            _plot_loaded(loaded, metric, title, smoothed, out_dir, row, panels)
         fig.tight_layout()
         path = out_dir / "overview.png"
         fig.savefig(path, dpi=90)
