@@ -25,6 +25,7 @@ BENCHMARKS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
                               "--decode-samples", "2", "--client-requests", "64",
                               "--client-rounds", "2")),
     ("bench_replay.py", (), ("--pairs", "2")),
+    ("bench_packing.py", (), ("--prompts", "16", "--rounds", "2")),
     ("bench_weight_sync.py", (), ("--rounds", "1")),
     ("bench_step_breakdown.py", (), ("--workloads", "16x4x4")),
     ("bench_trl.py", (), ("--workloads", "16x4x4", "--steps", "2", "--warmup", "1",

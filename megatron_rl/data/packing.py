@@ -367,14 +367,7 @@ def make_microbatch(
         at.write(routes, at.routes)
     causal = torch.ones((S, S), dtype=torch.bool).tril()
     if pack or shared_any:
-        same = segments[:, :, None] == segments[:, None, :]
-        allowed = same & causal[None] & (segments[:, :, None] > 0)
-        if shared_any:
-            # A block sees the shared prefix and itself, never another sample's block.
-            allowed &= (blocks[:, None, :] == 0) | (blocks[:, :, None] == blocks[:, None, :])
-        # Padding positions attend to themselves only, so their softmax stays finite.
-        allowed |= torch.eye(S, dtype=torch.bool)[None]
-        mask = ~allowed[:, None]
+        mask = _tree_mask(segments, blocks, causal)
     else:
         mask = ~causal[None, None]
     return MicroBatch(
@@ -396,6 +389,28 @@ def make_microbatch(
         input_index=[torch.tensor(i, dtype=torch.long) for i in input_index]
         if shared_any else None,
     )
+
+
+def _tree_mask(segments: torch.Tensor, blocks: torch.Tensor,
+               causal: torch.Tensor) -> torch.Tensor:
+    """[B, 1, S, S] True where attention is masked: a token sees earlier tokens of its
+    unit (segment) that are in its own block or in the unit's shared prefix (block 0);
+    padding (segment 0) sees only itself, so its softmax stays finite. Each position gets
+    one key (its unit and block) and the key of its unit's prefix, so the mask is two
+    comparisons of [B, S, S] rather than one per rule: on the CPU these passes were most
+    of a micro-batch's layout time."""
+    rows, length = segments.shape
+    span = int(blocks.max()) + 1
+    key = segments * span + blocks
+    prefix_key = segments * span
+    # Distinct negative keys: a padding position matches nothing but itself.
+    padding = segments == 0
+    alone = -torch.arange(1, length + 1).expand(rows, length)
+    key = torch.where(padding, alone, key)
+    prefix_key = torch.where(padding, alone, prefix_key)
+    allowed = (key[:, None, :] == key[:, :, None]) | (key[:, None, :] == prefix_key[:, :, None])
+    allowed &= causal
+    return ~allowed[:, None]
 
 
 def split_microbatches(
