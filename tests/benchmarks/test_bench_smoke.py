@@ -1,11 +1,12 @@
-"""Smoke tests of benchmarks/bench_trl.py and bench_step_breakdown.py on their smallest
-workload, plus the pieces they measure with (workload parsing, the process-tree monitor)."""
+"""Smoke tests of benchmarks/bench_trl.py, bench_step_breakdown.py and bench_packing.py on
+their smallest workload, plus the pieces they measure with (workload parsing, the process-tree monitor)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -150,3 +151,16 @@ def test_rollout_ahead_summary_reads_the_loops_metrics():
     assert r1["hidden"] == pytest.approx(0.75) and r1["staleness"] == 1.0
     table = bench_rollout_ahead.format_rows([r0, r1])
     assert "| 1 | 3 | 1.500 | 85.3 | 0.800 | 0.200 | 75% |" in table
+
+
+def test_bench_packing_lays_prompts_out_shared():
+    out = run("bench_packing.py", "--prompts", "4", "--responses", "4",
+              "--micro-batch-size", "8", "--rounds", "1")
+    layout = re.search(r"16 samples \(4 prompts x 4\), (\d+) micro-batches of (\d+) x", out)
+    assert layout, out
+    # 8 samples a micro-batch, 4 per prompt: one row per prompt is what is measured.
+    assert (int(layout[1]), int(layout[2])) == (2, 2)
+    ratios = re.findall(r"batching / (pi_old pass|training step): median of per-round ratios "
+                        r"([0-9.]+)", out)
+    assert [name for name, _ in ratios] == ["pi_old pass", "training step"]
+    assert all(0 < float(value) < 1 for _, value in ratios)
