@@ -1,8 +1,8 @@
 """Start and stop embedded rollout servers as subprocesses.
 
-The training loop (when ``--rl-rollout-url`` is empty) and the tests start servers with
-:func:`start_server_process` or :func:`start_embedded_servers`; each returns once the
-server answers ``/health``. A handle stops only its own process.
+:func:`start_server_process` starts one and returns once it answers ``/health``;
+:func:`spawn_server_process` returns at once, for several to load side by side (the
+training loop's servers: ``inference.embedded``). A handle stops only its own process.
 
 The API key reaches the server through the ``MEGATRON_RL_SERVER_API_KEY`` environment
 variable, not the command line (which every user sees in ``ps``). The server is told its
@@ -22,14 +22,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, TypedDict, Unpack
+from typing import TypedDict, Unpack
 
 import httpx
-
-from megatron_rl.rollout.config import RolloutConfig
-
-if TYPE_CHECKING:
-    from megatron_rl.inference.colocated import ColocatedServer
 
 logger = logging.getLogger(__name__)
 
@@ -216,54 +211,3 @@ def spawn_server_process(
     with open(log_path, "ab") as log:
         process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
     return ServerHandle(process, url, log_path, args, owns_log=owns_log, api_key=api_key)
-
-
-def start_embedded_servers(
-    model_dir: str | os.PathLike,
-    config: RolloutConfig,
-    *,
-    weight_version: str = "default",
-    extra_args: list[str] | tuple[str, ...] = (),
-    log_dir: str | os.PathLike | None = None,
-) -> list[ServerHandle] | list[ColocatedServer]:
-    """Start ``config.num_servers`` embedded servers for the training loop, serving
-    ``model_dir`` as ``weight_version`` (``extra_args`` go to each server's command line;
-    logs in ``log_dir`` are kept, temporary ones are deleted when a handle stops). With
-    ``config.colocate`` the one server is served from this process
-    (``inference.colocated``; its log is this process's)."""
-    if config.colocate:
-        if extra_args:
-            raise ValueError(f"a colocated server has no command line for {list(extra_args)}")
-        # Imported here: the HTTP stack joins this process only when it serves from it.
-        from megatron_rl.inference.colocated import start_colocated_server
-
-        return [start_colocated_server(
-            model_dir, port=config.port, host=config.host, api_key=config.resolved_api_key(),
-            dtype=config.dtype, quantization=config.quantization,
-            max_batch_size=config.max_batch_size, weight_version=weight_version,
-            startup_timeout_s=config.startup_timeout_s,
-        )]  # fmt: skip
-    # All processes first, then the waits: the servers load side by side. No server has
-    # bound its port when the next is picked, so the picks are kept apart explicitly.
-    api_key = config.resolved_api_key()
-    ports = {config.port}  # a fixed port means one server (RolloutConfig checks it)
-    if not config.port:
-        ports = set()
-        while len(ports) < config.num_servers:
-            ports.add(free_port(config.host))
-    handles: list[ServerHandle] = []
-    try:
-        for port in sorted(ports):
-            handles.append(spawn_server_process(
-                model_dir, port=port, host=config.host, api_key=api_key, dtype=config.dtype,
-                quantization=config.quantization, max_batch_size=config.max_batch_size,
-                threads=config.threads, weight_version=weight_version,
-                extra_args=extra_args, log_dir=log_dir,
-            ))  # fmt: skip
-        for handle in handles:
-            handle.wait_ready(config.startup_timeout_s)
-    except BaseException:
-        for handle in handles:
-            handle.stop()
-        raise
-    return handles

@@ -76,8 +76,8 @@ class RLConfig:
     0 writes a Hugging Face checkpoint under --rl-sync-dir and each server loads it
     (/update_weights_from_disk): needs a directory the servers can read, takes servers of
     any layout, and keeps each version on disk for a restarted server to reload. Default:
-    distributed with --rl-rollout-url servers (Qwen3-30B-A3B: 61 GB, ~6 s over NCCL against
-    ~49 s through a shared file system, modelled by benchmarks/bench_weight_sync.py); disk
+    distributed with --rl-rollout-url servers (Qwen3-30B-A3B: 61 GB, ~7 s over NCCL against
+    ~50 s through a shared file system, modelled by benchmarks/bench_weight_sync.py); disk
     for the embedded servers, where distributed is no faster (tiny preset, 2 servers on a
     shared 2-core VM: 0.09-0.3 s against 0.07-0.1 s) and each version stays on disk for a
     restarted server to start from."""

@@ -20,11 +20,8 @@ from collections.abc import Callable
 
 import torch.distributed as dist
 
-from megatron_rl.inference.launcher import (
-    ServerHandle,
-    start_embedded_servers,
-    start_server_process,
-)
+from megatron_rl.inference.embedded import start_embedded_servers
+from megatron_rl.inference.launcher import ServerHandle, start_server_process
 from megatron_rl.inference.supervisor import ServerSupervisor
 from megatron_rl.rollout.client import RolloutClient, run_sync
 from megatron_rl.rollout.config import RolloutConfig

@@ -16,11 +16,8 @@ from rollout_env import API_KEY, SERVER_BATCH
 from transformers import Qwen3MoeForCausalLM
 
 from megatron_rl.inference.bf16_gemm import Bf16Products
-from megatron_rl.inference.launcher import (
-    ServerHandle,
-    start_embedded_servers,
-    start_server_process,
-)
+from megatron_rl.inference.embedded import start_embedded_servers
+from megatron_rl.inference.launcher import ServerHandle, start_server_process
 from megatron_rl.model.config import preset
 from megatron_rl.rollout.config import RolloutConfig
 from megatron_rl.weight_sync.hf_config import save_random_checkpoint

@@ -7,7 +7,7 @@ import httpx
 import pytest
 from rollout_env import API_KEY
 
-from megatron_rl.inference import launcher
+from megatron_rl.inference import embedded, launcher
 from megatron_rl.rollout.config import RolloutConfig
 
 pytestmark = pytest.mark.slow  # server processes
@@ -28,14 +28,14 @@ def spawned(monkeypatch):
         seen["at_wait"].append(len(seen["handles"]))
         return wait(self, timeout_s)
 
-    monkeypatch.setattr(launcher, "spawn_server_process", spawn_and_record)
+    monkeypatch.setattr(embedded, "spawn_server_process", spawn_and_record)
     monkeypatch.setattr(launcher.ServerHandle, "wait_ready", wait_and_record)
     return seen
 
 
 def test_two_servers_start_side_by_side_and_serve(checkpoints, spawned):
     config = RolloutConfig(num_servers=2, api_key=API_KEY, startup_timeout_s=240)
-    handles = launcher.start_embedded_servers(checkpoints.main, config, weight_version="3")
+    handles = embedded.start_embedded_servers(checkpoints.main, config, weight_version="3")
     try:
         # Both processes existed before the first wait: their loading overlapped.
         assert spawned["at_wait"] == [2, 2]
@@ -53,7 +53,7 @@ def test_two_servers_start_side_by_side_and_serve(checkpoints, spawned):
 def test_a_failed_start_stops_every_server_and_says_why(tmp_path, spawned):
     config = RolloutConfig(num_servers=2, startup_timeout_s=240)
     with pytest.raises(RuntimeError, match=r"exited with code [1-9].*server log .*\n"):
-        launcher.start_embedded_servers(tmp_path / "no-such-model", config)
+        embedded.start_embedded_servers(tmp_path / "no-such-model", config)
     assert len(spawned["handles"]) == 2
     assert not any(h.alive() for h in spawned["handles"])
 
