@@ -1,13 +1,16 @@
 """Host-side batching against the passes that consume it.
 
-Every RL step lays its rollout batch out as micro-batches (``data.packing``) twice: for
-the pi_old pass and for the updates. This measures ``split_microbatches`` on a batch
-shaped like the study's (prompts x N responses, responses of one prompt laid out over one
-copy of it, rollout routes carried for R3) against the pi_old pass (forward only, the
-cheapest consumer) and a training step over the same micro-batches, on the tiny model in
-one process. The three alternate, order flipped every round, and the medians of the
-per-round ratios are printed. Target: batching at most 0.02 of a training step (the
-pi_old pass, cheaper, shows the ratio where host work would show first).
+An RL step of N updates lays its rollout batch out as micro-batches (``data.packing``)
+1 + N times: once for the pi_old pass and once for each update's mini-batch. This measures
+``split_microbatches`` on a batch shaped like the study's (prompts x G responses, the
+responses of one prompt laid out over one copy of it, rollout routes carried for R3)
+against the pi_old pass (forward only) and a training step over the same micro-batches,
+on the tiny model in one process. The three alternate, order flipped every round; the
+medians of the per-round ratios are printed, and the share of an RL step's compute,
+(1 + N) x batching / (pi_old + N x training step), at N = 1 (the largest share) and 8.
+Target: at most 0.02 of an RL step at N = 1. The passes run without a replay hook and with
+a plain cross-entropy loss, a little cheaper than the RL loop's: the shares printed are
+upper bounds.
 
     python benchmarks/bench_packing.py [--prompts 64] [--responses 8] [--rounds 10]
 """
@@ -105,8 +108,15 @@ def main(argv: list[str] | None = None) -> int:
           f"{rows} x {length} tokens, {args.rounds} rounds, cpu time of the process")
     for name in runs:
         print(f"  {name:14s} median {statistics.median(times[name]) * 1e3:9.1f} ms")
-    for consumer, target in (("pi_old pass", None), ("training step", 0.02)):
-        ratios = [b / c for b, c in zip(times["batching"], times[consumer], strict=True)]
+    rounds = list(zip(times["batching"], times["pi_old pass"], times["training step"],
+                      strict=True))
+    shares = {
+        "pi_old pass": ([b / p for b, p, _ in rounds], None),
+        "training step": ([b / t for b, _, t in rounds], None),
+        **{f"RL step, N = {n}": ([(1 + n) * b / (p + n * t) for b, p, t in rounds],
+                                 0.02 if n == 1 else None) for n in (1, 8)},
+    }
+    for consumer, (ratios, target) in shares.items():
         print(f"batching / {consumer}: median of per-round ratios "
               f"{statistics.median(ratios):.4f} (min {min(ratios):.4f}, max {max(ratios):.4f})"
               + (f", target <= {target}" if target else ""))

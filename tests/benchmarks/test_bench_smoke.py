@@ -1,5 +1,6 @@
 """Smoke tests of benchmarks/bench_trl.py, bench_step_breakdown.py and bench_packing.py on
-their smallest workload, plus the pieces they measure with (workload parsing, the process-tree monitor)."""
+their smallest workload, plus the pieces they measure with (workload parsing, the
+process-tree monitor)."""
 
 from __future__ import annotations
 
@@ -155,12 +156,15 @@ def test_rollout_ahead_summary_reads_the_loops_metrics():
 
 def test_bench_packing_lays_prompts_out_shared():
     out = run("bench_packing.py", "--prompts", "4", "--responses", "4",
-              "--micro-batch-size", "8", "--rounds", "1")
-    layout = re.search(r"16 samples \(4 prompts x 4\), (\d+) micro-batches of (\d+) x", out)
+              "--micro-batch-size", "16", "--rounds", "1")
+    layout = re.search(r"16 samples \(4 prompts x 4\), (\d+) micro-batches? of (\d+) x", out)
     assert layout, out
-    # 8 samples a micro-batch, 4 per prompt: one row per prompt is what is measured.
-    assert (int(layout[1]), int(layout[2])) == (2, 2)
-    ratios = re.findall(r"batching / (pi_old pass|training step): median of per-round ratios "
+    # One micro-batch of 16 samples, 4 per prompt: one row per prompt is what is measured
+    # (16 rows without prompt sharing).
+    assert (int(layout[1]), int(layout[2])) == (1, 4)
+    ratios = re.findall(r"batching / (pi_old pass|training step|RL step, N = \d): median of "
+                        r"per-round ratios "
                         r"([0-9.]+)", out)
-    assert [name for name, _ in ratios] == ["pi_old pass", "training step"]
+    assert [name for name, _ in ratios] == ["pi_old pass", "training step", "RL step, N = 1",
+                                            "RL step, N = 8"]
     assert all(0 < float(value) < 1 for _, value in ratios)

@@ -22,7 +22,7 @@ def import_graph() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {name: set() for name in modules}
     for name, path in modules.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom):
@@ -36,11 +36,16 @@ def import_graph() -> dict[str, set[str]]:
                            for a in node.names]
             else:
                 continue
+            own_parents = {name.rsplit(".", k)[0] for k in range(1, name.count(".") + 1)}
             for target in targets:
                 while target and target not in modules:  # `import a.b.c` of a name in a.b
                     target = target.rpartition(".")[0]
-                if target and target != name:
-                    graph[name].add(target)
+                # Importing a.b.c runs a/__init__.py and a/b/__init__.py too (some re-export
+                # their modules); the importer's own packages have run before it.
+                parents = {target.rsplit(".", k)[0] for k in range(1, target.count(".") + 1)}
+                for module in {target, *parents} - own_parents - {name}:
+                    if module in modules:
+                        graph[name].add(module)
     return graph
 
 
