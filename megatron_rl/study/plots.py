@@ -146,8 +146,9 @@ def _draw(ax, config: Config, runs_rows: list[list[dict]], metric: str, smoothed
     xs, mean, low, high = seed_band(curves)
     if not xs:
         return 0
-    ax.plot(xs, mean, color=colour, ls=linestyle, label=f"{label} ({len(curves)} seeds)",
-            lw=1.6, marker="o" if metric in (ACCURACY, SAMPLED_ACCURACY) or len(xs) < 4 else None,
+    seeds = f"{len(curves)} seed" + ("s" if len(curves) > 1 else "")
+    ax.plot(xs, mean, color=colour, ls=linestyle, label=f"{label} ({seeds})", lw=1.6,
+            marker="o" if metric in (ACCURACY, SAMPLED_ACCURACY) or len(xs) < 4 else None,
             ms=3)
     if len(curves) > 1:
         ax.fill_between(xs, low, high, color=colour, alpha=0.12, lw=0)
