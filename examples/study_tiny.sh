@@ -12,8 +12,8 @@
 # Interrupted? Run it again: finished runs are kept, the others resume.
 # Tables and plots: $OUT/summary.md, summary.csv, runs.csv, plots/*.png (one column per N).
 # The full grid of issue 17 (4 objectives x N = 1, 2, 4, 8 x none / R2 / R3 x 3 seeds,
-# 144 runs, about 9 hours here two at a time; the runs so far are in docs/study/dec6_grid,
-# and the README's study section says which cells they cover):
+# 144 runs, about 9 hours here two at a time; all 144 are in docs/study/dec6_grid, and the
+# README's study section gives the verdict per finding):
 #   OUT=runs/study_full examples/study_tiny.sh \
 #       --grid "objectives=minirl,minirl_no_is,minirl_length_norm,grpo n=1,2,4,8 replay=none,r2,r3"
 # (a --grid given here replaces none of the two above: runs of every grid are kept).

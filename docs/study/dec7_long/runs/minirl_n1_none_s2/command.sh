@@ -1,0 +1,4 @@
+#!/usr/bin/env bash
+# minirl_n1_none_s2
+cd /work/study_wt
+MKL_NUM_THREADS=1 OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore TOKENIZERS_PARALLELISM=false /work/study_wt/.venv/bin/python /work/study_wt/pretrain_rl.py --stage rl --model-preset tiny --load /work/runs/dec6_n24/coldstart --save /work/runs/dec7_long_s2/runs/minirl_n1_none_s2 --rl-objective minirl --routing-replay none --rl-group-size 8 --global-batch-size 512 --rl-mini-batch-size 512 --micro-batch-size 64 --train-iters 384 --eval-interval 16 --save-interval 16 --keep-last 1 --rl-max-new-tokens 6 --rl-temperature 1.0 --rl-rollout-dtype bf16 --rl-rollout-threads 1 --rl-rollout-quantization fp8 --rl-eval-size 128 --rl-eval-seed 2000003 --eval-samples 8 --lr 0.0001 --lr-decay-style constant --adam-beta2 0.95 --seed 2 --rl-rollout-seed 2 --no-progress --no-rl-rollout-progress
