@@ -20,13 +20,25 @@ TINY_RL = [
 ]
 
 
-def launch(nproc: int, args: list[str], *, timeout: int = 300, check: bool = True,
-           env: dict | None = None) -> subprocess.CompletedProcess:
+def _command(nproc: int, args: list[str], env: dict | None = None) -> tuple[list[str], dict]:
+    """torchrun's command line for ``pretrain_rl.py args`` and the environment to run it in."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
            str(ROOT / "pretrain_rl.py"), *args]
-    full_env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
-                    PYTHONWARNINGS="ignore", **(env or {}))
+    return cmd, dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
+                     PYTHONWARNINGS="ignore", **(env or {}))
+
+
+def start(nproc: int, args: list[str], **popen) -> subprocess.Popen:
+    """Start ``pretrain_rl.py`` under torchrun and return at once (tests that kill or
+    watch a run); ``popen`` are ``subprocess.Popen``'s keywords (stdout, stderr, ...)."""
+    cmd, env = _command(nproc, args)
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, **popen)
+
+
+def launch(nproc: int, args: list[str], *, timeout: int = 300, check: bool = True,
+           env: dict | None = None) -> subprocess.CompletedProcess:
+    cmd, full_env = _command(nproc, args, env)
     proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True,
                           timeout=timeout)
     if check and proc.returncode != 0:

@@ -1,18 +1,15 @@
 """A run killed with SIGKILL resumes to exactly the metrics of an uninterrupted run; a
 non-finite loss skips the update and never reaches the weights."""
 
-import os
 import signal
 import subprocess
-import sys
 import time
 
 import psutil
 import pytest
 import torch
-from rl_fixtures import TINY_RL, launch, read_metrics, steps
+from rl_fixtures import TINY_RL, launch, read_metrics, start, steps
 from safetensors.torch import load_file
-from torchrun_launch import ROOT, free_port
 
 # One run for everything a resume must restore (each launch costs ~15 s of the suite, so
 # the kill test covers all of it at once): dynamic sampling draws extra prompts (the weak
@@ -78,12 +75,7 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(coldstart, tmp_pat
 
     killed = tmp_path / "killed"
     args = RUN + ["--load", str(coldstart), "--save", str(killed)]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-           str(ROOT / "pretrain_rl.py"), *args]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = start(2, args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 240
         tracker = killed / "latest_checkpointed_iteration.txt"

@@ -7,7 +7,6 @@ One router, two servers and one training launch, shared by every check here."""
 from __future__ import annotations
 
 import concurrent.futures
-import os
 import re
 import subprocess
 import sys
@@ -15,8 +14,8 @@ import time
 
 import httpx
 import pytest
-from rl_fixtures import TINY_RL, read_metrics, steps
-from torchrun_launch import ROOT, free_port
+from rl_fixtures import TINY_RL, read_metrics, start, steps
+from torchrun_launch import free_port
 
 from megatron_rl.inference.launcher import start_server_process, wait_healthy
 from megatron_rl.model.config import preset
@@ -97,18 +96,15 @@ def test_router_for_generation_workers_for_weights_one_worker_killed(cluster, co
                       return_routed_experts=True).connect()
 
     save = tmp_path / "rl"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-           str(ROOT / "pretrain_rl.py"), *TINY_RL, "--train-iters", "3",
+    args = [*TINY_RL, "--train-iters", "3",
            # Routes cannot come back through the router: r2 replays the trainer's own,
            # and the router-agreement metric (which needs the rollout's) is off.
            "--routing-replay", "r2", "--no-rl-router-agreement", "--rl-rollout-url", router.url,
            "--rl-rollout-worker-urls", *urls, "--rl-rollout-retries", "3",
            "--rl-rollout-retry-backoff", "0.3", "--load", str(coldstart), "--save", str(save)]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     log_path = tmp_path / "train.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = start(1, args, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 300
         while not (save / "metrics.jsonl").is_file() or 1 not in steps(read_metrics(save)):

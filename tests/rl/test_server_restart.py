@@ -1,15 +1,12 @@
 """A run whose embedded server is SIGKILLed mid-run restarts it and finishes."""
 
-import os
 import signal
 import subprocess
-import sys
 import time
 
 import psutil
 import pytest
-from rl_fixtures import TINY_RL, read_metrics, steps
-from torchrun_launch import ROOT, free_port
+from rl_fixtures import TINY_RL, read_metrics, start, steps
 
 
 def _server_of(run: subprocess.Popen) -> psutil.Process | None:
@@ -25,13 +22,9 @@ def _server_of(run: subprocess.Popen) -> psutil.Process | None:
 @pytest.mark.slow
 def test_killed_embedded_server_is_restarted_and_the_run_goes_on(coldstart, tmp_path):
     save = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-           str(ROOT / "pretrain_rl.py"), *TINY_RL, "--train-iters", "4",
-           "--load", str(coldstart), "--save", str(save)]  # fmt: skip
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    run = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    run = start(1, [*TINY_RL, "--train-iters", "4", "--load", str(coldstart),
+                    "--save", str(save)],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 240
         metrics = save / "metrics.jsonl"
